@@ -1,0 +1,39 @@
+# octn4: two commands on a fresh machine.
+#   make demo   generate a stack with a known bias, correct it, say where the results are
+#   make test   run the test suite
+# Both create .venv and install octn4 with the pinned versions in constraints.txt.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= demo
+
+.PHONY: demo test venv lock clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/octn4 synth $(DEMO)/data --shape 96,192,192 --sections 4 --seed 1 --overwrite
+	$(VENV)/bin/octn4 run $(DEMO)/data/volume.ome.zarr $(DEMO)/results --sections 4 --workers 2 --overwrite
+	@echo
+	@echo "Demo done. Input and its ground truth: $(DEMO)/data/"
+	@echo "Results (corrected, bias, mask, fields.json, metrics.json): $(DEMO)/results/"
+
+test: venv
+	$(PY) -m pytest -q
+
+# Re-pin constraints.txt from a clean resolve of pyproject.toml's ranges.
+lock:
+	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
+	.lockenv/bin/pip install --quiet '.[test]'
+	.lockenv/bin/pip freeze --exclude octn4 > constraints.txt
+	rm -rf .lockenv
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

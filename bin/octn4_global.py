@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""N4_GLOBAL: global N4 over the re-assembled stack, then corrected volume, bias, fields and metrics."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
+
+from octn4 import cli, pipeline  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="octn4_global.py", description=__doc__)
+    p.add_argument("input", type=Path, help="input volume (.ome.zarr or .zarr)")
+    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask.py")
+    p.add_argument("sections", type=Path, help="assembled record from octn4_assemble.py")
+    p.add_argument("outdir", type=Path, help="output folder (created complete, or not at all)")
+    cli.add_voxel_size_arg(p)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
+    p.add_argument("--engine", choices=("sitk",), default="sitk", help="N4 engine")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (from task.accelerator)")
+    cli.add_gain_args(p)
+    cli.add_n4_args(p, "global-", default_shrink="auto", title="global N4")
+    cli.add_common_args(p)
+    return p
+
+
+def run(a) -> None:
+    config = pipeline.RunConfig(n_sections=1, global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
+                                threads=a.threads, output_format=a.format, overwrite=a.overwrite, engine=a.engine,
+                                device=a.device, voxel_size=a.voxel_size)
+    pipeline.stage_global_files(a.input, a.mask, a.sections, a.outdir, config=config)
+
+
+def main(argv=None) -> int:
+    return cli.guarded(run, build_parser().parse_args(argv), "octn4_global.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Command line: ``octn4 run``, ``octn4 synth``, and the argument groups the ``bin/`` scripts share.
+
+Errors in the input print one line, ``octn4: error: <file>: <problem>``, and
+exit with status 2; nothing that looks like a complete output is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError
+from .gains import GainParams
+from .mask import MaskParams
+from .n4 import N4Params
+from .sections import parse_planes
+
+__all__ = ["main", "build_parser", "add_section_args", "add_mask_args", "add_n4_args", "guarded"]
+
+log = logging.getLogger("octn4")
+
+
+def _floats(n):
+    def parse(text):
+        try:
+            v = tuple(float(t) for t in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers; got {text!r}") from None
+        if len(v) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers; got {text!r}")
+        return v
+    return parse
+
+
+def _ints(text):
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}") from None
+
+
+def _shrink(text):
+    if text == "auto":
+        return None
+    v = _ints(text)
+    if len(v) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"shrink is 'auto', one integer or three (z,y,x); got {text!r}")
+    return v[0] if len(v) == 1 else v
+
+
+def _shape(text):
+    v = _ints(text)
+    if len(v) != 3:
+        raise argparse.ArgumentTypeError(f"shape is three integers Z,Y,X; got {text!r}")
+    return v
+
+
+def add_section_args(p: argparse.ArgumentParser, *, required=True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--sections", type=int, metavar="N", help="number of serial sections (near-equal split along Z)")
+    g.add_argument("--planes", type=parse_planes, metavar="A,B,...",
+                   help="Z planes of each section, top to bottom (must sum to the depth)")
+
+
+def add_voxel_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--voxel-size", type=_floats(3), metavar="Z,Y,X",
+                   help="voxel size in mm, overriding the file's metadata")
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    add_voxel_size_arg(p)
+    p.add_argument("--skip-log-scale-check", action="store_true",
+                   help="accept inputs whose narrow intensity range looks log-scaled (dB)")
+
+
+def add_mask_args(p: argparse.ArgumentParser) -> None:
+    d = MaskParams()
+    g = p.add_argument_group("tissue mask")
+    g.add_argument("--mask-sigma", type=float, default=d.smoothing_sigma, help="Y/X smoothing sigma, voxels")
+    g.add_argument("--mask-sigma-z", type=float, default=d.smoothing_sigma_z, help="Z smoothing sigma, voxels")
+    g.add_argument("--mask-closing-radius", type=int, default=d.closing_radius, help="per-plane closing disk radius")
+    g.add_argument("--mask-z-closing-planes", type=int, default=d.z_closing_planes,
+                   help="half-height of the Z closing, in planes")
+
+
+def mask_params(a) -> MaskParams:
+    return MaskParams(smoothing_sigma=a.mask_sigma, smoothing_sigma_z=a.mask_sigma_z,
+                      closing_radius=a.mask_closing_radius, z_closing_planes=a.mask_z_closing_planes)
+
+
+def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, default_shrink="4", title="N4") -> None:
+    """N4 options; ``prefix`` ('global-') distinguishes the global pass's options."""
+    d = N4Params()
+    g = p.add_argument_group(title)
+    g.add_argument(f"--{prefix}shrink", type=_shrink, default=_shrink(default_shrink), metavar="S",
+                   help=f"shrink factor: one integer, Z,Y,X, or 'auto' (default {default_shrink})")
+    g.add_argument(f"--{prefix}fit-voxels", type=int, default=d.fit_voxels,
+                   help="fit-grid size aimed at by --shrink auto")
+    g.add_argument(f"--{prefix}iterations", type=_ints, default=d.maximum_number_of_iterations, metavar="N,N,...",
+                   help="iterations per fitting level (default 50,50,50,50)")
+    g.add_argument(f"--{prefix}spline-distance", type=float, default=d.spline_distance_mm, metavar="MM",
+                   help="level-0 control-point spacing rule, mm (default 10)")
+    g.add_argument(f"--{prefix}control-points", type=_ints, default=None, metavar="Z,Y,X",
+                   help="level-0 control points (overrides --spline-distance)")
+    g.add_argument(f"--{prefix}convergence", type=float, default=d.convergence_threshold,
+                   help="convergence threshold (default 0.001)")
+
+
+def n4_params(a, prefix: str = "") -> N4Params:
+    k = prefix.replace("-", "_")
+    return N4Params(maximum_number_of_iterations=getattr(a, f"{k}iterations"),
+                    convergence_threshold=getattr(a, f"{k}convergence"),
+                    spline_distance_mm=getattr(a, f"{k}spline_distance"),
+                    number_of_control_points=getattr(a, f"{k}control_points"),
+                    shrink_factor=getattr(a, f"{k}shrink"), fit_voxels=getattr(a, f"{k}fit_voxels"))
+
+
+def add_gain_args(p: argparse.ArgumentParser) -> None:
+    d = GainParams()
+    g = p.add_argument_group("section gains")
+    g.add_argument("--no-gains", action="store_true",
+                   help="skip section gain harmonisation (the plain reference recipe)")
+    g.add_argument("--gain-planes", type=int, default=d.boundary_planes,
+                   help="planes on each side of a boundary used for its step")
+    g.add_argument("--gain-min-shared", type=int, default=d.min_shared,
+                   help="shared tissue pixels below which a boundary is bridged")
+
+
+def gain_params(a) -> GainParams:
+    return GainParams(enabled=not a.no_gains, boundary_planes=a.gain_planes, min_shared=a.gain_min_shared)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def setup_logging(a) -> None:
+    level = logging.WARNING if a.quiet else (logging.DEBUG if a.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def guarded(fn, a, prog: str) -> int:
+    """Run ``fn(a)``: bad input or parameters print one line and exit with status 2.
+
+    ``-v -v`` shows the traceback as well.
+    """
+    setup_logging(a)
+    try:
+        fn(a)
+    except (InputError, ValueError, RuntimeError) as exc:
+        if a.verbose > 1:
+            log.exception("failed")
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------- octn4 run / synth
+
+
+def _cmd_run(a) -> None:
+    from .pipeline import RunConfig, run
+
+    config = RunConfig(
+        n_sections=a.sections, planes=None if a.planes is None else tuple(a.planes),
+        voxel_size=a.voxel_size, mask=mask_params(a), section_n4=n4_params(a),
+        global_n4=n4_params(a, "global-"), gains=gain_params(a), workers=a.workers, threads=a.threads,
+        output_format=a.format, overwrite=a.overwrite, check_log_scale=not a.skip_log_scale_check,
+        engine=a.engine, device=a.device)
+    m = run(a.input, a.outdir, config)
+    s = m["summary"]
+    print(f"octn4: corrected {a.input} -> {a.outdir}  "
+          f"(boundary step RMS {s['boundary_step_rms_before']:.3f} -> {s['boundary_step_rms_after']:.3f}, "
+          f"{m['timings_s']['total']:.0f} s)")
+
+
+def _cmd_synth(a) -> None:
+    from .synth import SynthParams, synth_stack
+
+    params = SynthParams(shape=a.shape, n_sections=a.sections, seed=a.seed,
+                         voxel_size=a.voxel_size or SynthParams().voxel_size)
+    out = synth_stack(a.out, params, overwrite=a.overwrite)
+    print(f"octn4: wrote {out}/volume.ome.zarr (shape {tuple(a.shape)}, {a.sections} sections) "
+          "with truth_bias, clean and labels beside it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="octn4", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"octn4 {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="mask -> N4 per section -> global N4 -> corrected volume",
+                       description="Correct a serial-section OCT volume end to end on this machine.")
+    r.add_argument("input", type=Path, help=".ome.zarr, .zarr or .nii[.gz]")
+    r.add_argument("outdir", type=Path, help="output folder (created complete, or not at all)")
+    add_section_args(r)
+    add_input_args(r)
+    r.add_argument("--workers", type=int, default=1, help="sections fitted in parallel (processes)")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads in total (default: all cores)")
+    r.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
+    r.add_argument("--engine", choices=("sitk",), default="sitk", help="N4 engine (SimpleITK)")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the N4 engine")
+    add_mask_args(r)
+    add_n4_args(r, title="N4 per section")
+    add_gain_args(r)
+    add_n4_args(r, "global-", default_shrink="auto", title="global N4")
+    add_common_args(r)
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("synth", help="write a synthetic serial-OCT stack with its known bias")
+    s.add_argument("out", type=Path, help="output folder")
+    s.add_argument("--sections", type=int, default=4)
+    s.add_argument("--shape", type=_shape, default=(96, 192, 192), metavar="Z,Y,X")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--voxel-size", type=_floats(3), default=None, metavar="Z,Y,X", help="mm (default 0.05)")
+    add_common_args(s)
+    s.set_defaults(fn=_cmd_synth)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return guarded(a.fn, a, "octn4")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

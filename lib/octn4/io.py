@@ -1,0 +1,559 @@
+"""Volume I/O: OME-Zarr (NGFF 0.4 and 0.5) and NIfTI, streamed along Z.
+
+Arrays are ``(Z, Y, X)`` float32 in memory; voxel sizes are ``(z, y, x)`` in
+millimetres.  Readers never load more than the Z range asked for; writers
+take Z slabs and write under a temporary name that is renamed to the final
+one only by :meth:`commit`, so an interrupted run never leaves an output
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = [
+    "Volume",
+    "ScanResult",
+    "open_volume",
+    "scan_volume",
+    "create_writer",
+    "OmeZarrWriter",
+    "NiftiWriter",
+    "is_nifti",
+    "replace_path",
+]
+
+log = logging.getLogger(__name__)
+
+#: NGFF unit names (and NIfTI xyzt codes) to millimetres.
+UNIT_TO_MM = {
+    "kilometer": 1e6, "meter": 1e3, "centimeter": 10.0, "millimeter": 1.0,
+    "micrometer": 1e-3, "nanometer": 1e-6, "mm": 1.0, "micron": 1e-3,
+}
+SPATIAL_AXES = ("z", "y", "x")
+
+
+def is_nifti(path) -> bool:
+    name = os.fspath(path).lower().rstrip("/")
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _check_voxel_size(voxel_size, path) -> tuple[float, float, float]:
+    try:
+        vs = tuple(float(v) for v in voxel_size)
+    except (TypeError, ValueError):
+        raise InputError(f"voxel size must be three numbers (z, y, x) in mm; got {voxel_size!r}", path) from None
+    if len(vs) != 3:
+        raise InputError(f"voxel size must have three values (z, y, x); got {len(vs)}", path)
+    if not all(np.isfinite(vs)) or any(v <= 0 for v in vs):
+        raise InputError(f"voxel size must be positive and finite; got {vs} mm", path)
+    return vs
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@dataclass
+class Volume:
+    """A 3-D volume on disk, read in Z slabs.
+
+    Attributes
+    ----------
+    path : str
+    shape : (Z, Y, X) tuple of int
+    dtype : numpy dtype of the stored values (reads return float32)
+    voxel_size : (z, y, x) tuple of float, millimetres
+    format : 'ome-zarr', 'zarr' or 'nifti'
+    voxel_size_source : where the voxel size came from
+    """
+
+    path: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    voxel_size: tuple[float, float, float]
+    format: str
+    voxel_size_source: str
+    _array: object = None          # zarr array (zarr formats)
+    _lead: tuple = ()              # indices of leading singleton axes (t, c)
+    _nifti: dict | None = None     # header facts for NIfTI streaming
+    affine: np.ndarray | None = None
+
+    @property
+    def nbytes_float32(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def read(self, z0: int, z1: int, ys=slice(None), xs=slice(None)) -> np.ndarray:
+        """Planes ``z0:z1`` (optionally strided in Y/X) as float32 ``(Z, Y, X)``."""
+        z0, z1 = max(0, int(z0)), min(self.shape[0], int(z1))
+        if z1 <= z0:
+            return np.zeros((0,) + self.shape[1:], np.float32)[:, ys, xs]
+        if self._nifti is not None:
+            block = self._read_nifti(z0, z1)[:, ys, xs]
+        else:
+            block = np.asarray(self._array[self._lead + (slice(z0, z1), ys, xs)])
+        return np.asarray(block, dtype=np.float32)
+
+    def read_planes(self, zs: Sequence[int], ys=slice(None), xs=slice(None)) -> np.ndarray:
+        """Planes at the Z indices ``zs`` (each read on its own)."""
+        out = [self.read(int(z), int(z) + 1, ys, xs) for z in zs]
+        if not out:
+            return np.zeros((0,) + self.shape[1:], np.float32)[:, ys, xs]
+        return np.concatenate(out, axis=0)
+
+    def _read_nifti(self, z0, z1):
+        from nibabel.openers import ImageOpener
+
+        h = self._nifti
+        plane = self.shape[1] * self.shape[2]
+        with ImageOpener(self.path, "rb") as f:
+            f.seek(h["offset"] + z0 * plane * h["dtype"].itemsize)
+            buf = f.read((z1 - z0) * plane * h["dtype"].itemsize)
+        a = np.frombuffer(buf, dtype=h["dtype"]).reshape(z1 - z0, *self.shape[1:])
+        if h["slope"] is not None:
+            a = a.astype(np.float32) * np.float32(h["slope"]) + np.float32(h["inter"])
+        return a
+
+
+def open_volume(path, *, voxel_size=None) -> Volume:
+    """Open an OME-Zarr, plain Zarr array or NIfTI volume for Z-slab reading.
+
+    Parameters
+    ----------
+    path : str or path
+        ``.ome.zarr`` / ``.zarr`` (NGFF multiscale group, level 0 is read, or
+        a bare 3-D zarr array) or ``.nii`` / ``.nii.gz``.
+    voxel_size : (z, y, x) floats in mm, optional
+        Overrides the voxel size in the file's metadata; required for a bare
+        zarr array, which has none.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, not 3-D, empty, missing or invalid
+        voxel size.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("input does not exist", p)
+    if voxel_size is not None:
+        voxel_size = _check_voxel_size(voxel_size, p)
+    if is_nifti(p):
+        vol = _open_nifti(p, voxel_size)
+    elif p.is_dir():
+        vol = _open_zarr(p, voxel_size)
+    else:
+        raise InputError("unsupported input format: expected .ome.zarr, .zarr, .nii or .nii.gz", p)
+    if any(n == 0 for n in vol.shape):
+        raise InputError(f"volume is empty (shape {vol.shape})", p)
+    return vol
+
+
+def _squeeze_shape(shape, names, path):
+    """Keep the last three axes (z, y, x); leading axes must have size 1."""
+    if len(shape) < 3 or any(n != 1 for n in shape[:-3]):
+        raise InputError(f"volume must be 3-D (Z, Y, X); got shape {tuple(shape)}"
+                         + (f" with axes {names}" if names else ""), path)
+    return tuple(int(n) for n in shape[-3:]), (0,) * (len(shape) - 3)
+
+
+def _open_zarr(p: Path, voxel_size) -> Volume:
+    import zarr
+
+    try:
+        node = zarr.open(store=str(p), mode="r")
+    except Exception as exc:  # zarr raises several types for non-stores
+        raise InputError(f"cannot be read as Zarr ({type(exc).__name__}: {exc})", p) from None
+    if isinstance(node, zarr.Array):
+        shape, lead = _squeeze_shape(node.shape, None, p)
+        if voxel_size is None:
+            raise InputError("voxel size missing: a bare Zarr array has no coordinate metadata; "
+                             "pass --voxel-size Z,Y,X (mm)", p)
+        return Volume(str(p), shape, node.dtype, voxel_size, "zarr", "command line",
+                      _array=node, _lead=lead)
+
+    attrs = dict(node.attrs)
+    ms = attrs.get("ome", {}).get("multiscales") if "ome" in attrs else attrs.get("multiscales")
+    if not ms:
+        raise InputError("Zarr group has no OME-NGFF 'multiscales' metadata", p)
+    ms = ms[0]
+    axes = ms.get("axes") or []
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
+    if names[-3:] != list(SPATIAL_AXES):
+        raise InputError(f"volume must be 3-D with spatial axes (z, y, x) last; got axes {names}", p)
+    ds = ms["datasets"][0]
+    try:
+        arr = node[ds["path"]]
+    except KeyError:
+        raise InputError(f"multiscale dataset {ds['path']!r} is missing", p) from None
+    shape, lead = _squeeze_shape(arr.shape, names, p)
+    if voxel_size is not None:
+        return Volume(str(p), shape, arr.dtype, voxel_size, "ome-zarr", "command line",
+                      _array=arr, _lead=lead)
+
+    scale = np.ones(len(names))
+    found = False
+    for tr in list(ds.get("coordinateTransformations", [])) + list(ms.get("coordinateTransformations", [])):
+        if tr.get("type") == "scale":
+            scale = scale * np.asarray(tr["scale"], dtype=float)
+            found = True
+    if not found:
+        raise InputError("voxel size missing: no 'scale' coordinate transformation; "
+                         "pass --voxel-size Z,Y,X (mm)", p)
+    factors, source = [], "OME-NGFF scale"
+    for a in axes[-3:]:
+        unit = a.get("unit") if isinstance(a, dict) else None
+        if unit is None:
+            factors.append(1.0)
+            source = "OME-NGFF scale (no unit given: millimetres assumed)"
+        elif unit in UNIT_TO_MM:
+            factors.append(UNIT_TO_MM[unit])
+        else:
+            raise InputError(f"unsupported spatial unit {unit!r} on axis {a.get('name')}", p)
+    if source.endswith("assumed)"):
+        log.warning("%s: spatial axes carry no unit; taking the scale as millimetres", p)
+    vs = _check_voxel_size(scale[-3:] * np.asarray(factors), p)
+    return Volume(str(p), shape, arr.dtype, vs, "ome-zarr", source, _array=arr, _lead=lead)
+
+
+def _raw_pixdim(p: Path, header_class) -> list[float]:
+    """pixdim[1:4] as stored: nibabel's load replaces zeros with 1, which would hide a missing size."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(p), "rb") as f:
+        raw = header_class.from_fileobj(f, check=False)
+    return [float(v) for v in raw["pixdim"][1:4]]
+
+
+def _open_nifti(p: Path, voxel_size) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        hdr = img.header
+        dtype = hdr.get_data_dtype()
+        shape_xyz = tuple(int(n) for n in img.shape)
+        offset = int(img.dataobj.offset)
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)   # nibabel moves scl_* here
+    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, ...
+        raise InputError(f"cannot be read as NIfTI ({type(exc).__name__}: {exc})", p) from None
+    if len(shape_xyz) < 3 or any(n != 1 for n in shape_xyz[3:]):
+        raise InputError(f"volume must be 3-D; got NIfTI shape {shape_xyz}", p)
+    nx, ny, nz = shape_xyz[:3]
+    if slope == 1 and inter == 0:
+        slope = None
+    info = {"dtype": dtype, "offset": offset, "slope": slope, "inter": inter}
+    if voxel_size is not None:
+        vs, source = voxel_size, "command line"
+    else:
+        zooms = _raw_pixdim(p, type(hdr))
+        unit = hdr.get_xyzt_units()[0]
+        if unit == "unknown":
+            log.warning("%s: NIfTI spatial unit is 'unknown'; taking pixdim as millimetres", p)
+            factor, source = 1.0, "NIfTI pixdim (unit unknown: millimetres assumed)"
+        else:
+            factor, source = UNIT_TO_MM[unit], "NIfTI pixdim"
+        if any(not np.isfinite(z) or z <= 0 for z in zooms):
+            raise InputError(f"voxel size missing or invalid in the NIfTI header (pixdim {zooms}); "
+                             "pass --voxel-size Z,Y,X (mm)", p)
+        vs = _check_voxel_size([zooms[2] * factor, zooms[1] * factor, zooms[0] * factor], p)
+    return Volume(str(p), (nz, ny, nx), dtype, vs, "nifti", source, _nifti=info,
+                  affine=np.asarray(img.affine))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Whole-volume facts gathered in one streaming pass."""
+
+    minimum: float
+    maximum: float
+    n_nonfinite: int
+    n_negative: int
+    n_positive: int
+    positive_p001: float   # 0.1th percentile of a sample of positive values
+    positive_p999: float   # 99.9th percentile of the same sample
+
+
+def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000) -> ScanResult:
+    """Stream the volume once and gather the facts :func:`validate_scan` needs."""
+    z_total = vol.shape[0]
+    vmin, vmax = np.inf, -np.inf
+    nonfinite = negative = positive = 0
+    per_slab = max(1000, sample * slab // max(z_total, 1))
+    rng = np.random.default_rng(0)
+    picks = []
+    for z0 in range(0, z_total, slab):
+        a = vol.read(z0, z0 + slab)
+        finite = np.isfinite(a)
+        bad = a.size - int(finite.sum())
+        if bad:
+            nonfinite += bad
+            a = a[finite]
+        if a.size:
+            vmin, vmax = min(vmin, float(a.min())), max(vmax, float(a.max()))
+        negative += int((a < 0).sum())
+        pos = a[a > 0]
+        positive += pos.size
+        if pos.size:
+            picks.append(rng.choice(pos.ravel(), size=min(per_slab, pos.size), replace=False))
+    pool = np.concatenate(picks) if picks else np.zeros(0, np.float32)
+    p001, p999 = (np.percentile(pool, [0.1, 99.9]) if pool.size else (np.nan, np.nan))
+    return ScanResult(vmin, vmax, nonfinite, negative, positive, float(p001), float(p999))
+
+
+#: Linear OCT intensity spans decades (speckle alone spans >10x between its
+#: 0.1th and 99.9th percentiles); dB-scaled data span a small ratio.
+LOG_SCALE_MAX_RATIO = 4.0
+
+
+def validate_scan(scan: ScanResult, path, *, check_log_scale: bool = True) -> None:
+    """Raise :class:`InputError` for intensities N4 cannot work with."""
+    if scan.n_nonfinite:
+        raise InputError(f"volume contains {scan.n_nonfinite} NaN/Inf values; "
+                         "replace them (e.g. with 0 outside the tissue) before correction", path)
+    if scan.n_negative:
+        raise InputError(f"volume contains {scan.n_negative} negative intensities (min {scan.minimum:.4g}): "
+                         "octn4 needs linear, non-negative OCT intensity. If the data are log-scaled (dB), "
+                         "convert them with 10**(v/10) first", path)
+    if scan.n_positive == 0:
+        raise InputError("volume is empty: no positive intensity", path)
+    if scan.maximum == scan.minimum:
+        raise InputError(f"volume is constant ({scan.minimum:.4g}): there is nothing to correct", path)
+    ratio = scan.positive_p999 / scan.positive_p001
+    if check_log_scale and ratio < LOG_SCALE_MAX_RATIO:
+        raise InputError(
+            f"intensities look log-scaled (dB): the 0.1-99.9 percentile range of positive values spans only "
+            f"x{ratio:.2f}, where linear OCT intensity spans decades. Convert with 10**(v/10) first, or pass "
+            "--skip-log-scale-check if the data really are linear", path)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, replacing an existing ``final`` last."""
+    trash = None
+    if final.exists() or final.is_symlink():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    if trash is not None:
+        if trash.is_dir():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+
+
+def _check_output(final: Path, overwrite: bool) -> None:
+    if final.exists() and not overwrite:
+        raise InputError("output already exists; pass --overwrite to replace it", final)
+
+
+class _Writer:
+    """Common part: temporary name, commit by rename, abort on error."""
+
+    def __init__(self, path, overwrite):
+        self.path = Path(path)
+        _check_output(self.path, overwrite)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self._remove(self.tmp)
+        self.committed = False
+
+    @staticmethod
+    def _remove(p: Path):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+    def abort(self):
+        self._remove(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None or not self.committed:
+            self.abort()
+        return False
+
+
+def _pyramid_factors(shape, voxel_size, min_size=64, max_levels=6):
+    """Per-level downsampling factors (relative to the previous level).
+
+    Y and X halve at each level; Z halves only while its voxel is not
+    larger than the lateral one, so the pyramid tends towards isotropy.
+    """
+    factors, shape, vs = [], list(shape), list(voxel_size)
+    while len(factors) < max_levels - 1 and max(shape[1], shape[2]) >= 2 * min_size:
+        fz = 2 if (vs[0] * 2 <= max(vs[1], vs[2]) * 2 and vs[0] <= vs[1] and shape[0] >= 2) else 1
+        f = (fz, 2, 2)
+        factors.append(f)
+        shape = [s // k for s, k in zip(shape, f)]
+        vs = [v * k for v, k in zip(vs, f)]
+    return factors
+
+
+def _downsample(block, f, reduce):
+    z, y, x = (s // k * k for s, k in zip(block.shape, f))
+    b = block[:z, :y, :x].reshape(z // f[0], f[0], y // f[1], f[1], x // f[2], f[2])
+    if reduce == "max":
+        return b.max(axis=(1, 3, 5))
+    return b.mean(axis=(1, 3, 5), dtype=np.float64).astype(block.dtype)
+
+
+class OmeZarrWriter(_Writer):
+    """Write a multiscale OME-Zarr (NGFF 0.5) image slab by slab.
+
+    Level 0 is written with :meth:`write`; :meth:`commit` builds the
+    pyramid level by level (streamed), writes the NGFF metadata with exact
+    per-level scales (base voxel size times the integer factor) and the
+    half-voxel translations of block averaging, adds ``attrs`` under the
+    ``octn4`` key, and renames the store into place.
+
+    ``reduce`` is 'mean' for intensities and 'max' for masks.
+    """
+
+    def __init__(self, path, shape, voxel_size, *, dtype=np.float32, chunks=None, attrs=None,
+                 overwrite=False, reduce="mean", name=None):
+        import zarr
+
+        super().__init__(path, overwrite)
+        self.shape = tuple(int(n) for n in shape)
+        self.voxel_size = _check_voxel_size(voxel_size, path)
+        self.dtype = np.dtype(dtype)
+        self.chunks = tuple(min(c, n) for c, n in zip(chunks or (16, 256, 256), self.shape))
+        self.attrs = attrs or {}
+        self.reduce = reduce
+        self.name = name or self.path.name.split(".")[0]
+        self._group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        self._s0 = self._create("s0", self.shape)
+
+    def _create(self, name, shape):
+        return self._group.create_array(name, shape=shape, chunks=self.chunks, dtype=self.dtype,
+                                        fill_value=0, dimension_names=list(SPATIAL_AXES))
+
+    def write(self, z0: int, block: np.ndarray) -> None:
+        self._s0[z0:z0 + block.shape[0]] = np.asarray(block, dtype=self.dtype)
+
+    def commit(self) -> None:
+        from ome_zarr.format import FormatV05
+        from ome_zarr.writer import write_multiscales_metadata
+
+        datasets = [self._dataset("s0", (1, 1, 1))]
+        prev, cum = self._s0, np.ones(3, int)
+        for level, f in enumerate(_pyramid_factors(self.shape, self.voxel_size), start=1):
+            shape = tuple(s // k for s, k in zip(prev.shape, f))
+            cur = self._create(f"s{level}", shape)
+            step = f[0] * max(1, self.chunks[0])
+            for z0 in range(0, shape[0] * f[0], step):
+                block = np.asarray(prev[z0:min(z0 + step, shape[0] * f[0])])
+                cur[z0 // f[0]:z0 // f[0] + block.shape[0] // f[0]] = _downsample(block, f, self.reduce)
+            cum = cum * np.asarray(f)
+            datasets.append(self._dataset(f"s{level}", cum))
+            prev = cur
+        write_multiscales_metadata(
+            self._group, datasets=datasets, fmt=FormatV05(), axes=list(SPATIAL_AXES),
+            axes_units=dict.fromkeys(SPATIAL_AXES, "millimeter"), name=self.name)
+        self._group.attrs.update({"octn4": self.attrs})
+        replace_path(self.tmp, self.path)
+        self.committed = True
+
+    def _dataset(self, path, factors):
+        scale = [float(v * k) for v, k in zip(self.voxel_size, factors)]
+        shift = [float((k - 1) / 2 * v) for v, k in zip(self.voxel_size, factors)]
+        ct = [{"type": "scale", "scale": scale}]
+        if any(shift):
+            ct.append({"type": "translation", "translation": shift})
+        return {"path": path, "coordinateTransformations": ct}
+
+
+class NiftiWriter(_Writer):
+    """Write a NIfTI-1 volume slab by slab, in increasing Z order.
+
+    The ``(Z, Y, X)`` C-order slabs are exactly NIfTI's on-disk order of an
+    ``(X, Y, Z)`` image, so the file is streamed without holding the volume.
+    Provenance goes to a JSON sidecar (``name.json``) written on commit.
+    """
+
+    def __init__(self, path, shape, voxel_size, *, dtype=np.float32, attrs=None, overwrite=False,
+                 affine=None, **_ignored):
+        import nibabel as nib
+
+        super().__init__(path, overwrite)
+        self.shape = tuple(int(n) for n in shape)
+        self.voxel_size = _check_voxel_size(voxel_size, path)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.attrs = attrs or {}
+        name = self.path.name
+        self.sidecar = self.path.with_name(name[: -len(".nii.gz")] if name.endswith(".nii.gz")
+                                           else name[: -len(".nii")]).with_suffix(".json")
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape(self.shape[::-1])
+        hdr.set_data_dtype(self.dtype)
+        hdr.set_zooms(self.voxel_size[::-1])
+        hdr.set_xyzt_units("mm")
+        aff = np.diag(list(self.voxel_size[::-1]) + [1.0]) if affine is None else np.asarray(affine)
+        hdr.set_qform(aff, code=1)
+        hdr.set_sform(aff, code=1)
+        hdr["vox_offset"] = 352
+        opener = gzip.open(self.tmp, "wb", compresslevel=4) if name.endswith(".gz") else open(self.tmp, "wb")
+        self._f = opener
+        self._f.write(hdr.binaryblock + b"\x00" * 4)
+        self._next = 0
+
+    def write(self, z0: int, block: np.ndarray) -> None:
+        if z0 != self._next:
+            raise ValueError(f"NIfTI slabs must be written in order: expected z0={self._next}, got {z0}")
+        self._f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self._next += block.shape[0]
+
+    def commit(self) -> None:
+        if self._next != self.shape[0]:
+            raise ValueError(f"NIfTI incomplete: {self._next} of {self.shape[0]} planes written")
+        self._f.close()
+        tmp_json = self.sidecar.with_name(f".{self.sidecar.name}.partial-{os.getpid()}")
+        tmp_json.write_text(json.dumps({"octn4": self.attrs}, indent=2, default=str))
+        replace_path(tmp_json, self.sidecar)
+        replace_path(self.tmp, self.path)
+        self.committed = True
+
+    def abort(self):
+        if not self._f.closed:
+            self._f.close()
+        super().abort()
+
+
+def create_writer(path, shape, voxel_size, **kwargs):
+    """An :class:`OmeZarrWriter` or, for ``.nii``/``.nii.gz`` paths, a :class:`NiftiWriter`."""
+    if is_nifti(path):
+        kwargs.pop("chunks", None)
+        kwargs.pop("reduce", None)
+        return NiftiWriter(path, shape, voxel_size, **kwargs)
+    kwargs.pop("affine", None)
+    return OmeZarrWriter(path, shape, voxel_size, **kwargs)
+
+
+def read_attrs(path) -> dict:
+    """The ``octn4`` provenance stored with an output (zarr attrs or NIfTI sidecar)."""
+    p = Path(path)
+    if is_nifti(p):
+        name = p.name
+        side = p.with_name(name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")])
+        return json.loads(side.with_suffix(".json").read_text()).get("octn4", {})
+    import zarr
+
+    return dict(zarr.open_group(str(p), mode="r").attrs).get("octn4", {})

@@ -1,0 +1,557 @@
+"""The octn4 pipeline: mask -> N4 per section -> global N4 -> corrected volume.
+
+Each stage is a function with file-in / file-out contracts, called both by
+the local runner :func:`run` and by the ``bin/`` scripts that the Nextflow
+processes run:
+
+==============  ===========================================  ==========================
+stage           reads                                        writes
+==============  ===========================================  ==========================
+mask            input volume                                 ``mask.ome.zarr``
+section *i*     its own Z slab of input and mask             ``section_i.json`` (lattice)
+assemble        all ``section_*.json``                       ``sections.json``
+global + apply  input, mask, ``sections.json``               ``corrected``, ``bias``,
+                                                             ``fields.json``, ``metrics.json``
+==============  ===========================================  ==========================
+
+Fields travel as B-spline control lattices (a few kB), never as volumes:
+the global fit reads a shrunk copy of ``input / section_bias`` plane by
+plane, and the final pass evaluates ``bias = section_bias * global_bias``
+tile by tile while writing ``corrected = input / bias``.  Memory is bounded
+by one section (per-section stage), the shrunk fit grid (global fit) and one
+tile (apply), whatever the volume size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .bspline import BSplineField, shrink_grid
+from .errors import InputError
+from .gains import GainParams, boundary_steps_from_data, solve_gains
+from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
+from .mask import MaskParams, write_tissue_mask
+from .metrics import PlaneStats, boundary_steps, section_summary
+from .n4 import FitResult, N4Params, fit_bias_sitk, shrink_factors
+from .progress import progress
+from .sections import section_bounds
+
+log = logging.getLogger("octn4")
+
+__all__ = [
+    "RunConfig", "run", "open_input", "stage_mask", "fit_section", "stage_section",
+    "assemble_sections", "fit_global", "apply_correction", "stage_global", "provenance", "atomic_dir",
+    "write_json", "stage_global_files", "volume_sections",
+    "read_records",
+]
+
+ENGINES = ("sitk",)
+CHUNKS = (8, 256, 256)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a pipeline run depends on (recorded in every output)."""
+
+    n_sections: int | None = None
+    planes: tuple[int, ...] | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    mask: MaskParams = field(default_factory=MaskParams)
+    section_n4: N4Params = field(default_factory=N4Params)
+    global_n4: N4Params = field(default_factory=lambda: N4Params(shrink_factor=None))
+    gains: GainParams = field(default_factory=GainParams)
+    workers: int = 1
+    threads: int = 0                 # total CPU threads; 0 = all cores
+    output_format: str = "ome-zarr"  # or 'nifti'
+    overwrite: bool = False
+    check_log_scale: bool = True
+    tile_mib: int = 256
+    engine: str = "sitk"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise InputError(f"engine must be one of {ENGINES}; got {self.engine!r}")
+        if self.device != "cpu":
+            raise InputError(f"the {self.engine} engine runs on the CPU only; device {self.device!r} "
+                             "is not available for it")
+        if self.output_format not in ("ome-zarr", "nifti"):
+            raise InputError(f"output format must be 'ome-zarr' or 'nifti'; got {self.output_format!r}")
+        if self.workers < 1:
+            raise InputError(f"workers must be >= 1; got {self.workers}")
+
+    @property
+    def total_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def bounds(self, vol: Volume):
+        return volume_sections(vol, n_sections=self.n_sections, planes=self.planes)
+
+    def as_dict(self) -> dict:
+        return {
+            "n_sections": self.n_sections, "planes": None if self.planes is None else list(self.planes),
+            "voxel_size_override_mm": None if self.voxel_size is None else list(self.voxel_size),
+            "mask": self.mask.as_dict(), "section_n4": self.section_n4.as_dict(),
+            "global_n4": self.global_n4.as_dict(), "gains": self.gains.as_dict(),
+            "workers": self.workers, "threads": self.total_threads,
+            "output_format": self.output_format, "check_log_scale": self.check_log_scale,
+            "engine": self.engine, "device": self.device,
+        }
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "scipy", "scikit-image", "SimpleITK", "zarr", "ome-zarr", "nibabel"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(stage: str, vol: Volume, parameters: dict, *, engine=None, device=None, extra=None) -> dict:
+    """What made an output: octn4 version, stage, input, parameters, engine, device, libraries."""
+    d = {
+        "octn4_version": __version__,
+        "stage": stage,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+        "input": os.path.abspath(vol.path),
+        "input_format": vol.format,
+        "shape": list(vol.shape),
+        "voxel_size_mm": list(vol.voxel_size),
+        "voxel_size_source": vol.voxel_size_source,
+        "engine": engine,
+        "device": device,
+        "parameters": parameters,
+        "versions": library_versions(),
+    }
+    if extra:
+        d.update(extra)
+    return d
+
+
+def write_json(obj, path) -> None:
+    """Write JSON under a temporary name, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _peak_rss_mib() -> dict:
+    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def volume_sections(vol: Volume, *, n_sections=None, planes=None):
+    """Section Z ranges of ``vol``; errors name the volume's file."""
+    try:
+        return section_bounds(vol.shape[0], n_sections=n_sections, planes=planes)
+    except InputError as exc:
+        raise InputError(exc.problem, vol.path) from None
+
+
+def open_input(path, *, voxel_size=None, check_log_scale=True) -> Volume:
+    """Open and validate the input (one streaming pass); raise :class:`InputError` on bad data."""
+    vol = open_volume(path, voxel_size=voxel_size)
+    validate_scan(scan_volume(vol), vol.path, check_log_scale=check_log_scale)
+    return vol
+
+
+def _open_mask(path, vol: Volume) -> Volume:
+    m = open_volume(path, voxel_size=vol.voxel_size)
+    if m.shape != vol.shape:
+        raise InputError(f"mask shape {m.shape} does not match the volume shape {vol.shape}", path)
+    return m
+
+
+def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False) -> list[float]:
+    """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``."""
+    with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
+                       attrs=attrs, overwrite=overwrite, affine=vol.affine) as w:
+        with progress(len(bounds), "tissue mask") as advance:
+            thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance())
+        w.attrs["section_thresholds"] = [None if not math.isfinite(t) else t for t in thresholds]
+        w.commit()
+    return thresholds
+
+
+def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
+                threads: int = 1) -> dict:
+    """N4 on one section; reads only that section's Z slab of input and mask.
+
+    Returns a JSON-ready record: index, Z range, fit summary and the field
+    (lattice) on the section's own full-resolution grid.
+    """
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    msk = _open_mask(mask_path, vol)
+    if not 0 <= index < len(bounds):
+        raise InputError(f"section index {index} is out of range (0..{len(bounds) - 1})")
+    z0, z1 = bounds[index]
+    shape = (z1 - z0,) + vol.shape[1:]
+    if shape[0] < 2:
+        raise InputError(f"section {index} has {shape[0]} plane; N4 needs at least 2 per section", input_path)
+    s = shrink_factors(shape, vol.voxel_size, params)
+    (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(shape, s))
+    ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
+    zs = z0 + oz + s[0] * np.arange(mz)
+    sub = vol.read_planes(zs, ys, xs)
+    sub_mask = msk.read_planes(zs, ys, xs) > 0
+    fit = fit_bias_sitk(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
+                        params=params, threads=threads)
+    return {"index": index, "z_start": z0, "z_stop": z1, "fit": fit.summary(), "field": fit.field.to_dict()}
+
+
+def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
+                  threads=1, attrs=None, overwrite=False) -> dict:
+    """:func:`fit_section`, written to ``out_json``."""
+    out_json = Path(out_json)
+    if out_json.exists() and not overwrite:
+        raise InputError("output already exists; pass --overwrite to replace it", out_json)
+    rec = fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
+                      threads=threads)
+    rec["provenance"] = attrs or {}
+    write_json(rec, out_json)
+    return rec
+
+
+def assemble_sections(records, n_expected: int | None = None) -> list[dict]:
+    """Order per-section records by their index (never by arrival) and check the set is complete."""
+    by_index = {}
+    for r in records:
+        if r["index"] in by_index:
+            raise InputError(f"section {r['index']} was given twice")
+        by_index[r["index"]] = r
+    n = len(by_index) if n_expected is None else n_expected
+    missing = sorted(set(range(n)) - set(by_index))
+    extra = sorted(set(by_index) - set(range(n)))
+    if missing or extra:
+        raise InputError(f"sections incomplete: missing {missing}, unexpected {extra} (expected 0..{n - 1})")
+    out = [by_index[i] for i in range(n)]
+    for a, b in zip(out[:-1], out[1:]):
+        if a["z_stop"] != b["z_start"]:
+            raise InputError(f"sections {a['index']} and {b['index']} are not contiguous "
+                             f"({a['z_stop']} != {b['z_start']})")
+    return out
+
+
+def read_records(paths) -> list[dict]:
+    """Load per-section JSON records (as written by :func:`stage_section`)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read section record ({exc})", p) from None
+    return out
+
+
+def _section_fields(records) -> list[tuple[int, int, BSplineField, float]]:
+    """``(z0, z1, field, log gain)`` per section; the gain is 0 until harmonised."""
+    return [(r["z_start"], r["z_stop"], BSplineField.from_dict(r["field"]), float(r.get("gain_log", 0.0)))
+            for r in records]
+
+
+def _section_log_field(fields, z, ys=None, xs=None) -> np.ndarray:
+    """Per-section log bias (field + log gain) at planes ``z`` (ascending) and Y/X index arrays."""
+    z = np.asarray(z)
+    parts = []
+    for z0, z1, fld, gain in fields:
+        sel = z[(z >= z0) & (z < z1)]
+        if sel.size:
+            parts.append(fld.evaluate(sel - z0, ys, xs) + np.float32(gain))
+    return np.concatenate(parts, axis=0)
+
+
+def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
+    """One gain per section from the tissue at each boundary (see :mod:`octn4.gains`).
+
+    Reads ``2 * boundary_planes`` planes per boundary.  Returns the records
+    with ``gain_log`` set, and a per-boundary report.
+    """
+    fields = _section_fields(records)
+    k = params.boundary_planes
+    steps, report = [], []
+    for (a0, a1, fa, _), (b0, b1, fb, _) in zip(fields[:-1], fields[1:]):
+        ka, kb = min(k, a1 - a0), min(k, b1 - b0)
+        before = vol.read(a1 - ka, a1) / np.exp(fa.evaluate(np.arange(a1 - ka, a1) - a0))
+        after = vol.read(b0, b0 + kb) / np.exp(fb.evaluate(np.arange(kb)))
+        d, n = boundary_steps_from_data(before, after, msk.read(a1 - 1, a1)[0] > 0, msk.read(b0, b0 + 1)[0] > 0,
+                                        min_shared=params.min_shared)
+        steps.append(d)
+        report.append({"z": a1, "step_log": d, "shared_tissue_pixels": n, "bridged": d is None})
+    weights = [r["fit"]["fit_voxels"] * math.prod(r["fit"]["shrink"]) for r in records]
+    gains = solve_gains(steps, weights)
+    for rep in report:
+        if rep["bridged"]:
+            log.warning("gains: boundary at plane %d shares only %d tissue pixels; bridged (no step assumed)",
+                        rep["z"], rep["shared_tissue_pixels"])
+    return [dict(r, gain_log=float(g)) for r, g in zip(records, gains)], report
+
+
+def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1) -> FitResult:
+    """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
+    fields = _section_fields(records)
+    s = shrink_factors(vol.shape, vol.voxel_size, params)
+    (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(vol.shape, s))
+    iy, ix = oy + s[1] * np.arange(my), ox + s[2] * np.arange(mx)
+    ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
+    sub = np.empty((mz, my, mx), np.float32)
+    sub_mask = np.empty((mz, my, mx), bool)
+    with progress(mz, "global N4: reading shrunk copy") as advance:
+        for j in range(mz):
+            z = oz + s[0] * j
+            f = _section_log_field(fields, [z], iy, ix)
+            sub[j] = vol.read(z, z + 1, ys, xs)[0] / np.exp(f[0])
+            sub_mask[j] = msk.read(z, z + 1, ys, xs)[0] > 0
+            advance()
+    log.info("global N4: fitting on a %s grid (shrink %s), %d tissue voxels", sub.shape, s, int(sub_mask.sum()))
+    return fit_bias_sitk(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=vol.voxel_size,
+                         params=params, threads=threads)
+
+
+def tile_planes_for(shape, tile_mib: int) -> int:
+    """Planes per apply tile: about 6 float32 buffers of the tile fit in ``tile_mib``."""
+    per_plane = shape[1] * shape[2] * 4 * 6
+    n = max(1, int(tile_mib * 2 ** 20 // per_plane))
+    return n // CHUNKS[0] * CHUNKS[0] if n >= CHUNKS[0] else n
+
+
+def apply_correction(vol: Volume, msk: Volume, records, global_field: BSplineField, writers: dict,
+                     *, tile_planes: int) -> PlaneStats:
+    """Evaluate ``bias = section_bias * global_bias`` tile by tile and write corrected and bias.
+
+    ``writers`` maps 'corrected' and 'bias' to open writers.  Returns the
+    per-plane tissue statistics of the input ('before') and the corrected
+    volume ('after').
+    """
+    fields = _section_fields(records)
+    stats = PlaneStats(vol.shape[0])
+    starts = range(0, vol.shape[0], tile_planes)
+    with progress(len(starts), "apply bias field") as advance:
+        for z0 in starts:
+            z1 = min(vol.shape[0], z0 + tile_planes)
+            zz = np.arange(z0, z1)
+            log_b = _section_log_field(fields, zz)
+            log_b += global_field.evaluate(zz)
+            bias = np.exp(log_b)
+            del log_b
+            raw = vol.read(z0, z1)
+            corrected = raw / np.maximum(bias, np.float32(1e-6))
+            writers["corrected"].write(z0, corrected)
+            writers["bias"].write(z0, bias)
+            stats.add(z0, msk.read(z0, z1) > 0, before=raw, after=corrected)
+            advance()
+    return stats
+
+
+def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: RunConfig, attrs: dict,
+                 timings: dict) -> dict:
+    """Global fit, apply, and the outputs ``corrected``, ``bias``, ``fields.json``, ``metrics.json``."""
+    ext = ".nii.gz" if config.output_format == "nifti" else ".ome.zarr"
+    gain_report = []
+    if config.gains.enabled and len(records) > 1:
+        t0 = time.perf_counter()
+        records, gain_report = harmonise_gains(vol, msk, records, params=config.gains)
+        timings["gains"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads)
+    timings["global_fit"] = time.perf_counter() - t0
+    attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
+                 section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0)) for r in records])
+    t0 = time.perf_counter()
+    kw = dict(chunks=CHUNKS, overwrite=config.overwrite, affine=vol.affine)
+    with create_writer(outdir / f"corrected{ext}", vol.shape, vol.voxel_size,
+                       attrs=dict(attrs, output="corrected"), **kw) as wc, \
+            create_writer(outdir / f"bias{ext}", vol.shape, vol.voxel_size,
+                          attrs=dict(attrs, output="bias"), **kw) as wb:
+        stats = apply_correction(vol, msk, records, gfit.field, {"corrected": wc, "bias": wb},
+                                 tile_planes=tile_planes_for(vol.shape, config.tile_mib))
+        wc.commit()
+        wb.commit()
+    timings["apply"] = time.perf_counter() - t0
+    write_json({"sections": [{k: r.get(k, 0.0) for k in ("index", "z_start", "z_stop", "gain_log", "field")}
+                             for r in records],
+                "global": gfit.field.to_dict()}, outdir / "fields.json")
+    bounds = [(r["z_start"], r["z_stop"]) for r in records]
+    metrics = _metrics(vol, stats, bounds, records, gfit, attrs, timings)
+    write_json(metrics, outdir / "metrics.json")
+    return metrics
+
+
+def _metrics(vol, stats, bounds, records, gfit, attrs, timings) -> dict:
+    rows = section_summary(stats, bounds, vol.voxel_size,
+                           fits=[dict(r["fit"], gain_log=r.get("gain_log", 0.0)) for r in records])
+    summary = {}
+    for name in ("before", "after"):
+        steps = np.array(boundary_steps(np.log(stats.median[name]), bounds), float)
+        slopes = np.array([r[f"depth_slope_per_mm_{name}"] or np.nan for r in rows], float)
+        summary[f"boundary_step_rms_{name}"] = float(np.sqrt(np.nanmean(steps ** 2))) if steps.size else None
+        summary[f"depth_slope_abs_mean_{name}"] = float(np.nanmean(np.abs(slopes)))
+        summary[f"cv_median_{name}"] = float(np.nanmedian([r[f"cv_{name}"] or np.nan for r in rows]))
+    summary["sections_flagged"] = [r["index"] for r in rows if r["flags"]]
+    summary["gain_boundaries"] = attrs.get("gain_boundaries", [])
+    return {
+        "input": os.path.abspath(vol.path),
+        "shape": list(vol.shape),
+        "voxel_size_mm": list(vol.voxel_size),
+        "summary": summary,
+        "sections": rows,
+        "global_fit": gfit.summary(),
+        "profile": stats.profile(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mib": _peak_rss_mib(),
+        "provenance": attrs,
+    }
+
+
+# --------------------------------------------------------------------------- local runner
+
+
+@contextmanager
+def atomic_dir(outdir, *, overwrite: bool):
+    """Yield a temporary folder that becomes ``outdir`` only if the block succeeds."""
+    outdir = Path(outdir)
+    if outdir.exists() and not overwrite:
+        raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
+    tmp = outdir.with_name(f".{outdir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        replace_path(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: RunConfig) -> dict:
+    """The global stage from files: input, mask, assembled section records -> ``outdir``."""
+    t_start = time.perf_counter()
+    vol = open_volume(input_path, voxel_size=config.voxel_size)
+    msk = _open_mask(mask_path, vol)
+    try:
+        records = json.loads(Path(sections_json).read_text())["sections"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read assembled sections ({exc})", sections_json) from None
+    records = assemble_sections(records, len(records))
+    if records[-1]["z_stop"] != vol.shape[0] or records[0]["z_start"] != 0:
+        raise InputError(f"sections cover planes {records[0]['z_start']}..{records[-1]['z_stop']} but the "
+                         f"volume has {vol.shape[0]}", sections_json)
+    bounds = [[r["z_start"], r["z_stop"]] for r in records]
+    attrs = provenance("global", vol, config.as_dict(), engine=config.engine, device=config.device,
+                       extra={"sections": bounds})
+    timings: dict[str, float] = {}
+    with atomic_dir(outdir, overwrite=config.overwrite) as tmp:
+        metrics = stage_global(vol, msk, records, tmp, config=config, attrs=attrs, timings=timings)
+        timings["total"] = time.perf_counter() - t_start
+        metrics["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        write_json(metrics, tmp / "metrics.json")
+    return metrics
+
+
+def _section_task(args):
+    input_path, mask_path, bounds, index, params, voxel_size, threads = args
+    return fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
+                       threads=threads)
+
+
+def _ingest(vol: Volume, path: Path) -> Volume:
+    """Copy a NIfTI input to a plane-chunked Zarr so sections can be read at random."""
+    import zarr
+
+    arr = zarr.open_array(str(path), mode="w", shape=vol.shape, chunks=(1,) + vol.shape[1:],
+                          dtype=np.float32, zarr_format=3)
+    with progress(vol.shape[0], "reading NIfTI input") as advance:
+        for z0 in range(0, vol.shape[0], 16):
+            block = vol.read(z0, z0 + 16)
+            arr[z0:z0 + block.shape[0]] = block
+            advance(block.shape[0])
+    return open_volume(path, voxel_size=vol.voxel_size)
+
+
+def run(input_path, outdir, config: RunConfig) -> dict:
+    """Correct ``input_path`` into ``outdir`` (created complete, or not at all).
+
+    Writes ``corrected``, ``bias`` and ``mask`` (OME-Zarr by default, NIfTI
+    on request), ``fields.json`` (every fitted lattice) and ``metrics.json``
+    (per-section statistics before/after, timings, peak memory, provenance).
+    Returns the metrics.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not config.overwrite:
+        raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    vol = open_input(input_path, voxel_size=config.voxel_size, check_log_scale=config.check_log_scale)
+    bounds = config.bounds(vol)
+    timings["validate"] = time.perf_counter() - t_start
+    with atomic_dir(outdir, overwrite=config.overwrite) as tmp:
+        attrs = provenance("run", vol, config.as_dict(), engine=config.engine, device=config.device,
+                           extra={"sections": [list(b) for b in bounds]})
+        work = _ingest(vol, tmp / ".work" / "input.zarr") if vol.format == "nifti" else vol
+        ext = ".nii.gz" if config.output_format == "nifti" else ".ome.zarr"
+        mask_path = tmp / f"mask{ext}"
+        t0 = time.perf_counter()
+        stage_mask(work, bounds, mask_path, params=config.mask, attrs=dict(attrs, output="mask"))
+        timings["mask"] = time.perf_counter() - t0
+        msk = open_volume(mask_path, voxel_size=vol.voxel_size)
+        if msk.format == "nifti":   # sections read the mask at random: keep a Zarr copy for the run
+            msk = _ingest(msk, tmp / ".work" / "mask.zarr")
+        t0 = time.perf_counter()
+        records = _fit_sections(work, msk, bounds, config)
+        timings["sections"] = time.perf_counter() - t0
+        metrics = stage_global(work, msk, records, tmp, config=config, attrs=attrs, timings=timings)
+        timings["total"] = time.perf_counter() - t_start
+        metrics["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        metrics["peak_rss_mib"] = _peak_rss_mib()
+        metrics["input"] = os.path.abspath(vol.path)
+        write_json(metrics, tmp / "metrics.json")
+    log.info("wrote %s (%.1f s)", outdir, timings["total"])
+    return metrics
+
+
+def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig) -> list[dict]:
+    workers = min(config.workers, len(bounds))
+    threads = max(1, config.total_threads // workers)
+    jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads)
+            for i in range(len(bounds))]
+    records = []
+    with progress(len(jobs), "N4 per section") as advance:
+        if workers == 1:
+            for j in jobs:
+                records.append(_section_task(j))
+                advance()
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for rec in pool.map(_section_task, jobs):
+                    records.append(rec)
+                    advance()
+    return assemble_sections(records, len(bounds))

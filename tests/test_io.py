@@ -1,0 +1,133 @@
+import gzip
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from octn4.errors import InputError
+from octn4.io import NiftiWriter, OmeZarrWriter, open_volume, read_attrs
+
+VS = (0.02, 0.0105, 0.0105)
+
+
+def _write_ome(path, data, vs=VS, **kw):
+    with OmeZarrWriter(path, data.shape, vs, attrs={"k": "v"}, chunks=(4, 64, 64), **kw) as w:
+        for z0 in range(0, data.shape[0], 5):
+            w.write(z0, data[z0:z0 + 5])
+        w.commit()
+
+
+def test_ome_zarr_round_trip_voxel_size_exact_at_every_level(tmp_path):
+    data = np.random.default_rng(0).random((12, 200, 260), dtype=np.float32)
+    p = tmp_path / "v.ome.zarr"
+    _write_ome(p, data)
+    vol = open_volume(p)
+    assert vol.voxel_size == VS and vol.shape == data.shape
+    np.testing.assert_array_equal(vol.read(0, 12), data)
+    ms = dict(zarr.open_group(str(p), mode="r").attrs)["ome"]["multiscales"][0]
+    assert [a["unit"] for a in ms["axes"]] == ["millimeter"] * 3
+    assert len(ms["datasets"]) >= 2
+    g = zarr.open_group(str(p), mode="r")
+    for ds in ms["datasets"]:
+        scale = ds["coordinateTransformations"][0]["scale"]
+        factor = [a / b for a, b in zip(data.shape, g[ds["path"]].shape)]
+        assert scale == [v * round(f) for v, f in zip(VS, factor)]   # exact: base * integer factor
+    # level 1 is the block mean of level 0
+    s1 = np.asarray(g[ms["datasets"][1]["path"]])
+    np.testing.assert_allclose(s1[0, 0, 0], data[:, :2, :2].reshape(-1, 2, 2, 2)[0].mean()
+                               if s1.shape[0] < 12 else data[0, :2, :2].mean(), rtol=1e-6)
+    assert read_attrs(p) == {"k": "v"}
+
+
+def test_output_validates_against_ngff_models(tmp_path):
+    from ome_zarr_models.v05.image import Image
+
+    _write_ome(tmp_path / "v.ome.zarr", np.ones((4, 140, 140), np.float32))
+    Image.from_zarr(zarr.open_group(str(tmp_path / "v.ome.zarr"), mode="r"))
+
+
+def test_reads_ome_zarr_written_by_ome_zarr_py_with_units(tmp_path):
+    from ome_zarr.writer import write_image
+
+    data = np.arange(6 * 8 * 10, dtype=np.uint16).reshape(6, 8, 10)
+    g = zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="w")
+    write_image(data, g, axes="zyx", scale={"z": 20.0, "y": 5.0, "x": 5.0},
+                axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"},
+                scale_factors=[])
+    vol = open_volume(tmp_path / "o.ome.zarr")
+    np.testing.assert_allclose(vol.voxel_size, (0.02, 0.005, 0.005))
+    out = vol.read(2, 4)
+    assert out.dtype == np.float32   # integer input converted
+    np.testing.assert_array_equal(out, data[2:4])
+
+
+def test_z_range_reads_only_its_chunks(tmp_path):
+    data = np.random.default_rng(1).random((16, 32, 32), dtype=np.float32)
+    p = tmp_path / "v.ome.zarr"
+    _write_ome(p, data)   # chunks of 4 planes
+    # corrupt every level-0 chunk outside planes 4..7: reading them would fail to decode
+    for f in (p / "s0" / "c").glob("*/*/*"):
+        if f.parts[-3] != "1":
+            f.write_bytes(b"garbage")
+    np.testing.assert_array_equal(open_volume(p).read(4, 8), data[4:8])
+    with pytest.raises(RuntimeError):   # the corruption is real: touching planes 0..3 fails
+        open_volume(p).read(0, 4)
+
+
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
+def test_nifti_round_trip(tmp_path, name):
+    data = np.random.default_rng(2).random((7, 9, 11), dtype=np.float32)
+    p = tmp_path / name
+    with NiftiWriter(p, data.shape, VS, attrs={"k": 1}) as w:
+        w.write(0, data[:3])
+        w.write(3, data[3:])
+        w.commit()
+    img = nib.load(str(p))
+    np.testing.assert_array_equal(np.asarray(img.dataobj).T, data)   # NIfTI is (X, Y, Z)
+    np.testing.assert_allclose(img.header.get_zooms(), VS[::-1])
+    vol = open_volume(p)
+    assert vol.voxel_size == pytest.approx(VS) and vol.shape == data.shape
+    np.testing.assert_array_equal(vol.read(2, 5), data[2:5])
+    assert read_attrs(p) == {"k": 1}
+
+
+def test_nifti_units_and_scaling(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4)   # (X, Y, Z) as on disk
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(np.int16)
+    hdr.set_zooms((10.0, 10.0, 20.0))
+    hdr.set_xyzt_units("micron")
+    hdr["scl_slope"], hdr["scl_inter"], hdr["vox_offset"] = 2.0, 1.0, 352
+    with gzip.open(tmp_path / "u.nii.gz", "wb") as f:   # nibabel's save would recompute the scaling
+        f.write(hdr.binaryblock + b"\x00" * 4 + data.tobytes(order="F"))
+    assert np.array_equal(nib.load(str(tmp_path / "u.nii.gz")).get_fdata(), data * 2.0 + 1)
+    vol = open_volume(tmp_path / "u.nii.gz")
+    assert vol.voxel_size == pytest.approx((0.02, 0.01, 0.01))
+    np.testing.assert_array_equal(vol.read(0, 4), data.T.astype(np.float32) * 2 + 1)
+
+
+def test_failed_write_leaves_nothing_and_existing_output_is_refused(tmp_path):
+    p = tmp_path / "v.ome.zarr"
+    with pytest.raises(RuntimeError):
+        with OmeZarrWriter(p, (4, 8, 8), VS) as w:
+            w.write(0, np.ones((2, 8, 8)))
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    _write_ome(p, np.ones((4, 8, 8), np.float32))
+    with pytest.raises(InputError, match="already exists"):
+        OmeZarrWriter(p, (4, 8, 8), VS)
+    _write_ome(p, np.zeros((4, 8, 8), np.float32), overwrite=True)
+    assert open_volume(p).read(0, 4).max() == 0
+    assert sorted(os.listdir(tmp_path)) == ["v.ome.zarr"]
+
+
+def test_voxel_size_override_and_bare_zarr(tmp_path):
+    zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 5, 6), dtype="f4", fill_value=1)
+    with pytest.raises(InputError, match="voxel size missing"):
+        open_volume(tmp_path / "a.zarr")
+    assert open_volume(tmp_path / "a.zarr", voxel_size=(1, 2, 3)).voxel_size == (1, 2, 3)
+    json.dumps(open_volume(tmp_path / "a.zarr", voxel_size=(1, 2, 3)).voxel_size)

@@ -1,0 +1,120 @@
+"""octn4 run end to end on a generated stack with a known bias (default settings)."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from octn4.cli import main
+from octn4.io import open_volume, read_attrs
+from octn4.metrics import boundary_steps, log_bias_error
+
+pytestmark = pytest.mark.slow
+
+
+def read(path):
+    v = open_volume(path)
+    return v.read(0, v.shape[0])
+
+
+FAST = ["--iterations", "10,10", "--global-iterations", "10,10", "--global-shrink", "4", "-q"]
+
+
+@pytest.fixture(scope="module")
+def result(demo_stack, tmp_path_factory):
+    """octn4 run with its default settings on the demo-size stack."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc = main(["run", str(demo_stack / "volume.ome.zarr"), str(out), "--sections", "4", "--workers", "2", "-q"])
+    assert rc == 0
+    return out
+
+
+def test_outputs_and_provenance(result, demo_stack):
+    names = sorted(p.name for p in result.iterdir())
+    assert names == ["bias.ome.zarr", "corrected.ome.zarr", "fields.json", "mask.ome.zarr", "metrics.json"]
+    for name in ("corrected", "bias", "mask"):
+        vol = open_volume(result / f"{name}.ome.zarr")
+        assert vol.shape == (96, 192, 192) and vol.voxel_size == (0.05, 0.05, 0.05)
+        attrs = read_attrs(result / f"{name}.ome.zarr")
+        assert attrs["engine"] == "sitk" and attrs["device"] == "cpu"
+        assert attrs["input"] == str((demo_stack / "volume.ome.zarr").resolve())
+        assert attrs["parameters"]["section_n4"]["maximum_number_of_iterations"] == [50, 50, 50, 50]
+        assert attrs["versions"]["SimpleITK"] and attrs["octn4_version"]
+    assert zarr.open_group(str(result / "mask.ome.zarr"), mode="r")["s0"].dtype == np.uint8
+    np.testing.assert_allclose(read(result / "corrected.ome.zarr") * read(result / "bias.ome.zarr"),
+                               read(demo_stack / "volume.ome.zarr"), rtol=1e-5)
+
+
+def test_correction_against_the_known_bias(result, demo_stack):
+    """Issue acceptance: log-bias error <= 0.7x uncorrected, boundary steps <= 0.5x uncorrected."""
+    truth = read(demo_stack / "truth_bias.ome.zarr")
+    tissue = read(demo_stack / "labels.ome.zarr") > 0
+    est = read(result / "bias.ome.zarr")
+    before = log_bias_error(np.ones_like(truth), truth, tissue)
+    after = log_bias_error(est, truth, tissue)
+    assert after <= 0.7 * before, (before, after)
+
+    bounds = json.loads((demo_stack / "synth.json").read_text())["sections"]
+    clean = read(demo_stack / "clean.ome.zarr")
+
+    def step_rms(vol):   # steps of the bias left in vol, read through the anatomy
+        r = np.log(vol / clean)
+        prof = np.array([np.median(r[z][tissue[z]]) for z in range(r.shape[0])])
+        return float(np.sqrt(np.mean(np.square(boundary_steps(prof, bounds)))))
+
+    raw = step_rms(read(demo_stack / "volume.ome.zarr"))
+    corrected = step_rms(read(result / "corrected.ome.zarr"))
+    assert corrected <= 0.5 * raw, (raw, corrected)
+
+
+def test_metrics_report_sections_before_and_after(result):
+    m = json.loads((result / "metrics.json").read_text())
+    assert [s["index"] for s in m["sections"]] == [0, 1, 2, 3]
+    assert [(s["z_start"], s["z_stop"]) for s in m["sections"]] == [(0, 24), (24, 48), (48, 72), (72, 96)]
+    assert len(s_ := m["summary"]["gain_boundaries"]) == 3 and not any(b["bridged"] for b in s_)
+    s = m["summary"]
+    assert s["boundary_step_rms_after"] < s["boundary_step_rms_before"]
+    assert s["depth_slope_abs_mean_after"] < s["depth_slope_abs_mean_before"]
+    assert len(m["profile"]["median_before"]) == 96
+    assert set(m["timings_s"]) >= {"mask", "sections", "global_fit", "apply", "total"}
+    assert m["peak_rss_mib"]["self"] > 0
+    fields = json.loads((result / "fields.json").read_text())
+    assert len(fields["sections"]) == 4 and fields["global"]["order"] == 3
+    assert abs(sum(f["gain_log"] for f in fields["sections"])) < 1.0
+
+
+def test_bin_scripts_in_workflow_order_reproduce_run(small_stack, tmp_path):
+    """The per-process scripts, chained as the workflow chains them, give octn4 run's result."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(__file__).resolve().parent.parent / "bin"
+    inp = str(small_stack / "volume.ome.zarr")
+
+    def call(script, *args):
+        r = subprocess.run([sys.executable, str(bin_dir / script), *args, "-q"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    assert main(["run", inp, str(tmp_path / "run"), "--sections", "3", *FAST]) == 0
+    call("octn4_mask.py", inp, str(tmp_path / "mask.ome.zarr"), "--sections", "3")
+    for i in (2, 0, 1):   # arrival order must not matter
+        call("octn4_section.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / f"s{i}.json"),
+             "--index", str(i), "--sections", "3", "--iterations", "10,10")
+    call("octn4_assemble.py", str(tmp_path / "all.json"), *(str(tmp_path / f"s{i}.json") for i in (1, 2, 0)),
+         "--expected", "3")
+    call("octn4_global.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / "all.json"), str(tmp_path / "out"),
+         "--global-iterations", "10,10", "--global-shrink", "4")
+    for name in ("corrected.ome.zarr", "bias.ome.zarr"):
+        np.testing.assert_array_equal(read(tmp_path / "out" / name), read(tmp_path / "run" / name))
+    np.testing.assert_array_equal(read(tmp_path / "mask.ome.zarr"), read(tmp_path / "run" / "mask.ome.zarr"))
+
+
+def test_nifti_output(small_stack, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["run", str(small_stack / "volume.ome.zarr"), str(out), "--sections", "3", "--format", "nifti", *FAST])
+    assert rc == 0
+    assert {"corrected.nii.gz", "bias.nii.gz", "mask.nii.gz", "corrected.json"} <= {p.name for p in out.iterdir()}
+    assert open_volume(out / "corrected.nii.gz").voxel_size == pytest.approx((0.05, 0.05, 0.05))
+    assert read_attrs(out / "bias.nii.gz")["output"] == "bias"
