@@ -37,12 +37,15 @@ def run_cli(argv, capsys):
     return rc, err
 
 
-def assert_rejected(tmp_path, capsys, inp, problem, extra=(), sections="3"):
+def assert_rejected(tmp_path, capsys, inp, problem, extra=(), sections="3", names="input"):
+    """``names``: the file the message must name ('input', 'output', a path, or None for a bad option)."""
     out = tmp_path / "out"
     rc, err = run_cli(["run", str(inp), str(out), "--sections", sections, "-q", *extra], capsys)
     assert rc == 2
     assert len(err) == 1, err
-    assert str(inp) in err[0] or str(out) in err[0]
+    if names is not None:
+        expected = {"input": inp, "output": out}.get(names, names)
+        assert err[0].startswith(f"octn4: error: {expected}: "), err[0]
     assert problem in err[0], err[0]
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".out") or p == "out"]
     assert leftovers == ([] if "already exists" not in problem else ["out"])
@@ -115,19 +118,26 @@ def test_existing_output_is_refused(tmp_path, capsys):
     inp = ome(tmp_path / "v.ome.zarr", good())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    assert_rejected(tmp_path, capsys, inp, "already exists; pass --overwrite")
+    assert_rejected(tmp_path, capsys, inp, "already exists; pass --overwrite", names="output")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_mask_shape_mismatch(tmp_path):
+def test_mask_shape_mismatch(tmp_path, capsys):
     inp = ome(tmp_path / "v.ome.zarr", good())
     mask = ome(tmp_path / "m.ome.zarr", np.ones((12, 40, 39), np.float32))
+    assert_rejected(tmp_path, capsys, inp, "mask shape (12, 40, 39) does not match", ["--mask", str(mask)],
+                    names=mask)
     r = subprocess.run([sys.executable, str(BIN / "octn4_section.py"), str(inp), str(mask), str(tmp_path / "s.json"),
                         "--index", "0", "--sections", "3"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"octn4_section.py: error: {mask}: mask shape (12, 40, 39) does not match the volume shape (12, 40, 40)"]
     assert not (tmp_path / "s.json").exists()
+
+
+def test_gpu_requested_for_a_cpu_engine(tmp_path, capsys):
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    assert_rejected(tmp_path, capsys, inp, "runs on the CPU only", ["--device", "cuda"], names=None)
 
 
 def test_integer_input_is_accepted_and_input_is_untouched(tmp_path):

@@ -169,7 +169,7 @@ def _cmd_run(a) -> None:
 
     config = RunConfig(
         n_sections=a.sections, planes=None if a.planes is None else tuple(a.planes),
-        voxel_size=a.voxel_size, mask=mask_params(a), section_n4=n4_params(a),
+        voxel_size=a.voxel_size, mask_path=a.mask, mask=mask_params(a), section_n4=n4_params(a),
         global_n4=n4_params(a, "global-"), gains=gain_params(a), workers=a.workers, threads=a.threads,
         output_format=a.format, overwrite=a.overwrite, check_log_scale=not a.skip_log_scale_check,
         engine=a.engine, device=a.device)
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("outdir", type=Path, help="output folder (created complete, or not at all)")
     add_section_args(r)
     add_input_args(r)
+    r.add_argument("--mask", type=Path, default=None,
+                   help="tissue mask to use (same shape; non-zero = tissue) instead of computing one")
     r.add_argument("--workers", type=int, default=1, help="sections fitted in parallel (processes)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads in total (default: all cores)")
     r.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")

@@ -114,13 +114,30 @@ def _closing(mask, structure):
     return ndi.binary_erosion(dil, structure=structure, border_value=1)
 
 
-def _planewise(mask, params: MaskParams):
-    """Hole filling then disk closing, each Z plane on its own."""
+def _fill_holes_planewise(mask):
+    """Fill holes in each Z plane: background components that do not touch the plane's border.
+
+    Same result as ``binary_fill_holes`` with an in-plane cross, in one
+    labelling pass per plane instead of iterated dilations over the slab.
+    """
     ndi = ndimage_for(mask)
     xp = array_namespace(mask)
-    cross = np.zeros((3, 3, 3), bool)
-    cross[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
-    m = ndi.binary_fill_holes(mask, structure=xp.asarray(cross))
+    cross = xp.asarray(np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool))
+    out = xp.asarray(mask, copy=True)
+    for z in range(mask.shape[0]):
+        labels, n = ndi.label(~mask[z], structure=cross)
+        border = xp.concat([labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]])
+        outside = xp.zeros(int(n) + 1, dtype=xp.bool)
+        outside[xp.unique_values(border)] = True
+        outside[0] = False
+        out[z] = ~xp.reshape(xp.take(outside, xp.reshape(labels, (-1,))), labels.shape)
+    return out
+
+
+def _planewise(mask, params: MaskParams):
+    """Hole filling then disk closing, each Z plane on its own."""
+    xp = array_namespace(mask)
+    m = _fill_holes_planewise(mask)
     if params.closing_radius > 0:
         m = _closing(m, xp.asarray(_disk(params.closing_radius)[None]))
     return m

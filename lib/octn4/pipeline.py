@@ -73,6 +73,7 @@ class RunConfig:
     n_sections: int | None = None
     planes: tuple[int, ...] | None = None
     voxel_size: tuple[float, float, float] | None = None
+    mask_path: str | None = None     # a tissue mask to use instead of computing one
     mask: MaskParams = field(default_factory=MaskParams)
     section_n4: N4Params = field(default_factory=N4Params)
     global_n4: N4Params = field(default_factory=lambda: N4Params(shrink_factor=None))
@@ -82,7 +83,7 @@ class RunConfig:
     output_format: str = "ome-zarr"  # or 'nifti'
     overwrite: bool = False
     check_log_scale: bool = True
-    tile_mib: int = 256
+    tile_mib: int = 1024
     engine: str = "sitk"
     device: str = "cpu"
 
@@ -108,6 +109,7 @@ class RunConfig:
         return {
             "n_sections": self.n_sections, "planes": None if self.planes is None else list(self.planes),
             "voxel_size_override_mm": None if self.voxel_size is None else list(self.voxel_size),
+            "mask_path": None if self.mask_path is None else os.path.abspath(self.mask_path),
             "mask": self.mask.as_dict(), "section_n4": self.section_n4.as_dict(),
             "global_n4": self.global_n4.as_dict(), "gains": self.gains.as_dict(),
             "workers": self.workers, "threads": self.total_threads,
@@ -200,6 +202,15 @@ def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict
         w.attrs["section_thresholds"] = [None if not math.isfinite(t) else t for t in thresholds]
         w.commit()
     return thresholds
+
+
+def copy_mask(src: Volume, out_path, *, attrs: dict, slab: int = 16) -> None:
+    """Write a user-supplied mask (any non-zero value is tissue) as the run's uint8 mask."""
+    with create_writer(out_path, src.shape, src.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
+                       attrs=attrs, affine=src.affine) as w:
+        for z0 in range(0, src.shape[0], slab):
+            w.write(z0, (src.read(z0, z0 + slab) != 0).astype(np.uint8))
+        w.commit()
 
 
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
@@ -520,7 +531,10 @@ def run(input_path, outdir, config: RunConfig) -> dict:
         ext = ".nii.gz" if config.output_format == "nifti" else ".ome.zarr"
         mask_path = tmp / f"mask{ext}"
         t0 = time.perf_counter()
-        stage_mask(work, bounds, mask_path, params=config.mask, attrs=dict(attrs, output="mask"))
+        if config.mask_path is None:
+            stage_mask(work, bounds, mask_path, params=config.mask, attrs=dict(attrs, output="mask"))
+        else:
+            copy_mask(_open_mask(config.mask_path, vol), mask_path, attrs=dict(attrs, output="mask"))
         timings["mask"] = time.perf_counter() - t0
         msk = open_volume(mask_path, voxel_size=vol.voxel_size)
         if msk.format == "nifti":   # sections read the mask at random: keep a Zarr copy for the run
