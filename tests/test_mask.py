@@ -78,12 +78,13 @@ class _Sink:
         self.out[z0:z0 + block.shape[0]] = block
 
 
+@pytest.mark.parametrize("slab", [3, 16])
 @pytest.mark.parametrize("params", [MaskParams(), MaskParams(smoothing_sigma_z=2.5, z_closing_planes=4)])
-def test_streamed_mask_equals_in_memory_mask(params):
+def test_streamed_mask_equals_in_memory_mask(params, slab):
     vol, _ = stack(seed=1, shape=(40, 40, 40))
     bounds = section_bounds(40, planes=[9, 12, 5, 14])
     sink = _Sink(vol.shape)
-    write_tissue_mask(_Reader(vol), bounds, sink, params=params)
+    write_tissue_mask(_Reader(vol), bounds, sink, params=params, slab=slab)
     np.testing.assert_array_equal(sink.out.astype(bool), tissue_mask(vol, bounds, params=params))
 
 

@@ -17,9 +17,10 @@ Recipe (SPEC.md, "Tissue mask"), for a volume split into serial sections:
 
 Closings treat the outside of the volume as neutral (dilation sees False,
 erosion sees True), so planes and pixels at the volume's faces are not
-eroded away.  :func:`write_tissue_mask` computes the same mask section by
-section with halos sized from the filters, so the streamed mask equals the
-in-memory one exactly.
+eroded away.  :func:`write_tissue_mask` computes the same mask in Z slabs
+with halos sized from the filters (per-section Otsu from histograms
+accumulated over the slabs), so the streamed mask equals the in-memory one
+exactly and its memory does not depend on the section thickness.
 """
 
 from __future__ import annotations
@@ -57,21 +58,19 @@ class MaskParams:
         return asdict(self)
 
 
-def otsu_threshold(values, nbins: int = 256) -> float:
-    """Otsu's threshold of a 1-D array (scikit-image's histogram convention).
-
-    Same result as :func:`skimage.filters.threshold_otsu` with 256 bins, on
-    the array's own device.  A constant input returns that constant.
-    """
+def _histogram(values, lo: float, hi: float, nbins: int):
+    """Counts of ``values`` in ``nbins`` equal bins over ``[lo, hi]`` (float64, on the values' device)."""
     xp = array_namespace(values)
-    v = xp.reshape(values, (-1,))
-    lo, hi = float(xp.min(v)), float(xp.max(v))
-    if lo == hi:
-        return lo
     width = (hi - lo) / nbins
-    idx = xp.astype(xp.floor((v - lo) / width), xp.int64)
-    idx = xp.clip(idx, 0, nbins - 1)
-    hist = xp.astype(bincount(idx, minlength=nbins), xp.float64)
+    idx = xp.clip(xp.astype(xp.floor((values - lo) / width), xp.int64), 0, nbins - 1)
+    return xp.astype(bincount(idx, minlength=nbins), xp.float64)
+
+
+def _otsu_from_histogram(hist, lo: float, hi: float) -> float:
+    """Otsu's threshold from a histogram over ``[lo, hi]`` (bin centres as in scikit-image)."""
+    xp = array_namespace(hist)
+    nbins = hist.shape[0]
+    width = (hi - lo) / nbins
     centers = lo + (xp.arange(nbins, dtype=xp.float64) + 0.5) * width
     w1 = xp.cumulative_sum(hist)
     w2 = xp.flip(xp.cumulative_sum(xp.flip(hist)))
@@ -79,6 +78,21 @@ def otsu_threshold(values, nbins: int = 256) -> float:
     m2 = xp.flip(xp.cumulative_sum(xp.flip(hist * centers)) / xp.where(xp.flip(w2) > 0, xp.flip(w2), 1.0))
     var = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
     return float(centers[int(xp.argmax(var))])
+
+
+def otsu_threshold(values, nbins: int = 256) -> float:
+    """Otsu's threshold of an array (scikit-image's histogram convention, float64 sums).
+
+    Same result as :func:`skimage.filters.threshold_otsu` with 256 bins on a
+    float64 input, on the array's own device.  A constant input returns that
+    constant.
+    """
+    xp = array_namespace(values)
+    v = xp.reshape(values, (-1,))
+    lo, hi = float(xp.min(v)), float(xp.max(v))
+    if lo == hi:
+        return lo
+    return _otsu_from_histogram(_histogram(v, lo, hi, nbins), lo, hi)
 
 
 def _smooth(volume, params: MaskParams):
@@ -176,29 +190,54 @@ def tissue_mask(volume, bounds: Sequence[tuple[int, int]], *, params: MaskParams
     return mask
 
 
-def section_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams(), xp=np) -> list[float]:
-    """Per-section Otsu thresholds, reading one section (plus halo) at a time.
+def _smoothed_slabs(volume_reader, z0: int, z1: int, params: MaskParams, xp, slab: int):
+    """Smoothed planes of ``[z0, z1)`` in pieces of at most ``slab`` planes, each read with its halo."""
+    g, depth = _smoothing_halo(params), volume_reader.shape[0]
+    for c0 in range(z0, z1, slab):
+        c1 = min(z1, c0 + slab)
+        r0, r1 = max(0, c0 - g), min(depth, c1 + g)
+        yield c0, _smooth(xp.asarray(volume_reader.read(r0, r1)), params)[c0 - r0:c1 - r0]
 
+
+def section_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams(), xp=np,
+                       slab: int = 16, nbins: int = 256) -> list[float]:
+    """Per-section Otsu thresholds, streaming each section in slabs of ``slab`` planes.
+
+    Two passes per section (range of the positive smoothed values, then
+    their histogram) give exactly :func:`otsu_threshold` of the whole section.
     ``volume_reader`` has ``shape`` and ``read(z0, z1)`` (see :class:`octn4.io.Volume`).
     """
-    g, depth = _smoothing_halo(params), volume_reader.shape[0]
     out = []
     for z0, z1 in bounds:
-        a0, a1 = max(0, z0 - g), min(depth, z1 + g)
-        sm = _smooth(xp.asarray(volume_reader.read(a0, a1)), params)
-        out.append(_threshold(sm[z0 - a0:z1 - a0], params))
+        lo, hi, n = math.inf, -math.inf, 0
+        for _, sm in _smoothed_slabs(volume_reader, z0, z1, params, xp, slab):
+            pos = sm[sm > 0]
+            if pos.shape[0]:
+                lo, hi, n = min(lo, float(xp.min(pos))), max(hi, float(xp.max(pos))), n + int(pos.shape[0])
+        if n < params.min_voxels:
+            out.append(-math.inf)   # all tissue
+            continue
+        if lo == hi:
+            out.append(lo)
+            continue
+        hist = None
+        for _, sm in _smoothed_slabs(volume_reader, z0, z1, params, xp, slab):
+            h = _histogram(sm[sm > 0], lo, hi, nbins)
+            hist = h if hist is None else hist + h
+        out.append(_otsu_from_histogram(hist, lo, hi))
     return out
 
 
 def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = MaskParams(), xp=np,
-                      progress=None) -> list[float]:
-    """Compute the tissue mask section by section and write it with ``writer.write(z0, block)``.
+                      slab: int = 16, progress=None) -> list[float]:
+    """Compute the tissue mask in Z slabs and write it with ``writer.write(z0, block)``.
 
-    Holds one section plus a halo of ``4*sigma_z + 2k`` planes at a time;
-    the result equals :func:`tissue_mask` on the whole volume.  Returns the
-    per-section thresholds (``-inf`` marks an all-tissue section).
+    Holds ``slab`` planes plus a halo of ``4*sigma_z + 2k`` planes on each
+    side at a time, whatever the section thickness; the result equals
+    :func:`tissue_mask` on the whole volume.  Returns the per-section
+    thresholds (``-inf`` marks an all-tissue section).
     """
-    thresholds = section_thresholds(volume_reader, bounds, params=params, xp=xp)
+    thresholds = section_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
     depth = volume_reader.shape[0]
     multi = len(bounds) > 1
     k = params.z_closing_planes if multi else 0
@@ -207,15 +246,15 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
     for (z0, z1), t in zip(bounds, thresholds):
         thr_of_plane[z0:z1] = t
     for i, (z0, z1) in enumerate(bounds):
-        m0, m1 = max(0, z0 - 2 * k), min(depth, z1 + 2 * k)     # binary planes needed
-        r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
-        sm = _smooth(xp.asarray(volume_reader.read(r0, r1)), params)[m0 - r0:m1 - r0]
-        thr = xp.asarray(thr_of_plane[m0:m1])
-        m = _planewise(sm > thr[:, None, None], params)
-        if multi:
-            m = _z_closing(m, params)
-        block = m[z0 - m0:z1 - m0]
-        writer.write(z0, to_numpy(block).astype(np.uint8))
+        for c0 in range(z0, z1, slab):
+            c1 = min(z1, c0 + slab)
+            m0, m1 = max(0, c0 - 2 * k), min(depth, c1 + 2 * k)     # binary planes needed
+            r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
+            sm = _smooth(xp.asarray(volume_reader.read(r0, r1)), params)[m0 - r0:m1 - r0]
+            m = _planewise(sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None], params)
+            if multi:
+                m = _z_closing(m, params)
+            writer.write(c0, to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8))
         if progress is not None:
             progress(i)
     return thresholds
