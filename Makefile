@@ -8,7 +8,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo
 
-.PHONY: demo test venv lock clean
+.PHONY: demo test venv browser lock clean
+
+# The report test drives a real headless browser (Debian's chromium + chromedriver).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(VENV)/.installed
 
@@ -24,8 +27,15 @@ demo: venv
 	@echo
 	@echo "Demo done. Input and its ground truth: $(DEMO)/data/"
 	@echo "Results (corrected, bias, mask, fields.json, metrics.json): $(DEMO)/results/"
+	@echo "QC report (open in a browser): $(DEMO)/results/report/report.html"
 
-test: venv
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the QC report's browser test"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: venv browser
 	$(PY) -m pytest -q
 
 # Re-pin constraints.txt from a clean resolve of pyproject.toml's ranges.

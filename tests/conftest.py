@@ -46,6 +46,17 @@ def demo_stack(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_run(demo_stack, tmp_path_factory):
+    """``octn4 run`` with its default settings on the demo-size stack (shared by several test files)."""
+    from octn4.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "demo"
+    rc = main(["run", str(demo_stack / "volume.ome.zarr"), str(out), "--sections", "4", "--workers", "2", "-q"])
+    assert rc == 0
+    return out
+
+
 def smooth_phantom(shape=(20, 40, 44), seed=0):
     """Volume with a smooth multiplicative bias, an ellipsoid mask, mild gamma noise.
 

@@ -21,18 +21,14 @@ def read(path):
 FAST = ["--iterations", "10,10", "--global-iterations", "10,10", "--global-shrink", "4", "-q"]
 
 
-@pytest.fixture(scope="module")
-def result(demo_stack, tmp_path_factory):
-    """octn4 run with its default settings on the demo-size stack."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    rc = main(["run", str(demo_stack / "volume.ome.zarr"), str(out), "--sections", "4", "--workers", "2", "-q"])
-    assert rc == 0
-    return out
+@pytest.fixture
+def result(demo_run):
+    return demo_run
 
 
 def test_outputs_and_provenance(result, demo_stack):
     names = sorted(p.name for p in result.iterdir())
-    assert names == ["bias.ome.zarr", "corrected.ome.zarr", "fields.json", "mask.ome.zarr", "metrics.json"]
+    assert names == ["bias.ome.zarr", "corrected.ome.zarr", "fields.json", "mask.ome.zarr", "metrics.json", "report"]
     for name in ("corrected", "bias", "mask"):
         vol = open_volume(result / f"{name}.ome.zarr")
         assert vol.shape == (96, 192, 192) and vol.voxel_size == (0.05, 0.05, 0.05)

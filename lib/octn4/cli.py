@@ -175,7 +175,7 @@ def _cmd_run(a) -> None:
         engine=a.engine, device=a.device)
     m = run(a.input, a.outdir, config)
     s = m["summary"]
-    print(f"octn4: corrected {a.input} -> {a.outdir}  "
+    print(f"octn4: corrected {a.input} -> {a.outdir}; QC report: {a.outdir / 'report' / 'report.html'}  "
           f"(boundary step RMS {s['boundary_step_rms_before']:.3f} -> {s['boundary_step_rms_after']:.3f}, "
           f"{m['timings_s']['total']:.0f} s)")
 
@@ -188,6 +188,20 @@ def _cmd_synth(a) -> None:
     out = synth_stack(a.out, params, overwrite=a.overwrite)
     print(f"octn4: wrote {out}/volume.ome.zarr (shape {tuple(a.shape)}, {a.sections} sections) "
           "with truth_bias, clean and labels beside it")
+
+
+def _cmd_report(a) -> None:
+    from .report import build_report
+
+    page = build_report(a.results, a.out, name=a.name, max_px=a.max_px, overwrite=True)
+    print(f"octn4: wrote {page}")
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", type=Path, help="an octn4 run's output folder")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default RESULTS/report)")
+    p.add_argument("--name", default=None, help="name shown in the report (default: the folder's name)")
+    p.add_argument("--max-px", type=int, default=512, help="largest side of a view, pixels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_n4_args(r, "global-", default_shrink="auto", title="global N4")
     add_common_args(r)
     r.set_defaults(fn=_cmd_run)
+
+    rep = sub.add_parser("report", help="(re)build the QC report of a run from its outputs")
+    add_report_args(rep)
+    add_common_args(rep)
+    rep.set_defaults(fn=_cmd_report)
 
     s = sub.add_parser("synth", help="write a synthetic serial-OCT stack with its known bias")
     s.add_argument("out", type=Path, help="output folder")

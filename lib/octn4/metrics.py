@@ -99,6 +99,10 @@ def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None) -> list[di
         flags = []
         if "cv_after" in row and row["cv_after"] > row["cv_before"] * 1.05:
             flags.append("cv increased")
+        for key, label in (("step_to_next", "step increased"), ("depth_slope_per_mm", "depth slope increased")):
+            b, a = row.get(f"{key}_before"), row.get(f"{key}_after")
+            if b is not None and a is not None and np.isfinite(a) and abs(a) > abs(b) * 1.05 + 0.01:
+                flags.append(label)
         if fits is not None and fits[i].get("status") != "fitted":
             flags.append(fits[i].get("status", "not fitted"))
         elif fits is not None and not fits[i].get("converged", True):

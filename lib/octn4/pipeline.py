@@ -548,6 +548,9 @@ def run(input_path, outdir, config: RunConfig) -> dict:
         metrics["peak_rss_mib"] = _peak_rss_mib()
         metrics["input"] = os.path.abspath(vol.path)
         write_json(metrics, tmp / "metrics.json")
+        from .report import build_report
+
+        build_report(tmp, tmp / "report", name=outdir.name)
     log.info("wrote %s (%.1f s)", outdir, timings["total"])
     return metrics
 

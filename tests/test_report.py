@@ -1,0 +1,128 @@
+"""The QC report: files, numbers checked independently, bounded reads, and a real browser."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from octn4.cli import main
+from octn4.io import Volume, open_volume
+from octn4.report import build_report
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+FAST = ["--iterations", "10,10", "--global-iterations", "10,10", "--global-shrink", "4", "-q"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_stack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rep") / "brain01"
+    assert main(["run", str(small_stack / "volume.ome.zarr"), str(out), "--sections", "3", *FAST]) == 0
+    return out
+
+
+def read(path):
+    v = open_volume(path)
+    return v.read(0, v.shape[0])
+
+
+def test_run_writes_the_report(run_dir):
+    rep = run_dir / "report"
+    assert {p.name for p in rep.iterdir()} == {"report.html", "views.png", "profile.png", "report.json",
+                                               "octn4_mqc.tsv"}
+    page = (rep / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "<script" not in page
+    assert "brain01" in page and "sitk / cpu" in page
+    mqc = (rep / "octn4_mqc.tsv").read_text().splitlines()
+    assert mqc[0] == "# id: 'octn4'" and mqc[4].startswith("Sample\tsections\t") and mqc[5].startswith("brain01\t3\t")
+
+
+def test_report_numbers_match_an_independent_computation(demo_run, demo_stack):
+    """Per-section medians and boundary steps recomputed with plain NumPy from the volumes.
+
+    On the default run of the demo-size stack.  (On thin, noisy stacks the
+    report's steps, medians over the run's own per-section Otsu mask, can
+    move with the mask's composition at a boundary rather than with the bias.)
+    """
+    rep = json.loads((demo_run / "report" / "report.json").read_text())
+    vol = read(demo_stack / "volume.ome.zarr")
+    cor = read(demo_run / "corrected.ome.zarr")
+    mask = read(demo_run / "mask.ome.zarr") > 0
+    for name, data in (("before", vol), ("after", cor)):
+        plane_median = np.array([np.median(data[z][mask[z] & (data[z] > 0)]) for z in range(data.shape[0])])
+        for s in rep["sections"]:
+            z0, z1 = s["z_start"], s["z_stop"]
+            assert s[f"median_{name}"] == pytest.approx(np.median(plane_median[z0:z1]), rel=1e-6)
+            if s[f"step_to_next_{name}"] is not None:
+                want = np.log(np.median(plane_median[z1:z1 + 3])) - np.log(np.median(plane_median[z1 - 3:z1]))
+                assert s[f"step_to_next_{name}"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # against the known bias: the steps shrink after correction
+    before = [abs(s["step_to_next_before"]) for s in rep["sections"][:-1]]
+    after = [abs(s["step_to_next_after"]) for s in rep["sections"][:-1]]
+    assert np.sqrt(np.mean(np.square(after))) < 0.5 * np.sqrt(np.mean(np.square(before)))
+    assert rep["summary"]["boundary_step_rms_after"] < rep["summary"]["boundary_step_rms_before"]
+
+
+def test_report_reads_a_bounded_sample(run_dir, tmp_path, monkeypatch):
+    """Views are read with strides: voxels read stay under ~10 * max_px^2, whatever the volume."""
+    read_voxels = []
+    original = Volume.read
+
+    def counting(self, z0, z1, ys=slice(None), xs=slice(None)):
+        out = original(self, z0, z1, ys, xs)
+        read_voxels.append(out.size)
+        return out
+
+    monkeypatch.setattr(Volume, "read", counting)
+    build_report(run_dir, tmp_path / "rep", max_px=24)
+    total = sum(read_voxels)
+    assert 0 < total <= 10 * 24 * 24, total
+    assert sum(read(run_dir / "corrected.ome.zarr").shape) and total < 48 * 96 * 96 / 10
+
+
+def test_report_is_regenerated_from_outputs_alone(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report"))
+    assert main(["report", str(copy), "-q"]) == 0
+    assert (copy / "report" / "report.html").stat().st_size > 10_000
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "-q"]) == 2
+    assert "cannot read the run's metrics" in capsys.readouterr().err
+
+
+def _browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("chromium/chromedriver missing on CI: `make test` installs them")
+        pytest.skip("chromium and chromedriver are not installed (make test installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1300,2400"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def test_report_renders_in_a_headless_browser(run_dir):
+    driver = _browser()
+    try:
+        driver.get((run_dir / "report" / "report.html").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+        assert len(images) == 2 and all(ok and w > 0 and h > 0 for ok, w, h in images), images
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        assert driver.title.startswith("octn4 QC")
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        driver.quit()
