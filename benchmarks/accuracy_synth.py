@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Accuracy of ``octn4 run`` against the known bias of generated stacks.
 
-For each seed: ``octn4 synth``, then ``octn4 run`` with the default settings,
-with and without section gain harmonisation (``--no-gains`` is the plain
-reference recipe: mask, N4 per section, global N4).  Prints, per stack:
+For each seed: ``octn4 synth``, then ``octn4 run`` with the default settings
+under each recipe: ``sitk`` (the defaults: SimpleITK engine, section gains
+on), ``no-gains`` (the plain reference recipe: mask, N4 per section, global
+N4) and ``engine`` (the defaults with ``--engine octn4``).  Prints, per stack:
 
 - log-bias error: RMS over the true tissue of ``log(estimated bias) -
   log(true bias)`` after removing its mean (a constant gain), uncorrected
@@ -15,7 +16,8 @@ reference recipe: mask, N4 per section, global N4).  Prints, per stack:
 
 Usage::
 
-    python benchmarks/accuracy_synth.py --seeds 0 1 2 --shape 96,192,192 --sections 4 --work /tmp/acc
+    python benchmarks/accuracy_synth.py --seeds 0 1 2 --shape 96,192,192 --sections 4 --work /tmp/acc \
+        --recipes sitk no-gains engine
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import numpy as np
 from octn4.cli import main as octn4_main
 from octn4.io import open_volume
 from octn4.metrics import boundary_steps, log_bias_error
+
+RECIPES = {"sitk": [], "no-gains": ["--no-gains"], "engine": ["--engine", "octn4"]}
 
 
 def read(path):
@@ -69,6 +73,7 @@ def main(argv=None):
     p.add_argument("--sections", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/octn4-accuracy"))
+    p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["sitk", "no-gains"])
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     print(f"{'stack':>22} {'recipe':>10} {'err raw':>8} {'err':>7} {'ratio':>6} {'step raw':>9} {'step':>7} "
@@ -77,7 +82,8 @@ def main(argv=None):
         stack = a.work / f"stack_{seed}"
         shutil.rmtree(stack, ignore_errors=True)
         octn4_main(["synth", str(stack), "--shape", a.shape, "--sections", str(a.sections), "--seed", str(seed), "-q"])
-        for recipe, extra in (("octn4", []), ("no-gains", ["--no-gains"])):
+        for recipe in a.recipes:
+            extra = RECIPES[recipe]
             out = a.work / f"out_{seed}_{recipe}"
             t0 = time.perf_counter()
             rc = octn4_main(["run", str(stack / "volume.ome.zarr"), str(out), "--sections", str(a.sections),

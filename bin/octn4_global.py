@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_voxel_size_arg(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
-    p.add_argument("--engine", choices=("sitk",), default="sitk", help="N4 engine")
+    p.add_argument("--engine", choices=("sitk", "octn4"), default="sitk", help="N4 engine")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (from task.accelerator)")
     cli.add_gain_args(p)
     cli.add_n4_args(p, "global-", default_shrink="auto", title="global N4")

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_section_args(p)
     cli.add_voxel_size_arg(p)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for N4")
+    p.add_argument("--engine", choices=("sitk", "octn4"), default="sitk", help="N4 engine")
     cli.add_n4_args(p)
     cli.add_common_args(p)
     return p
@@ -30,9 +31,9 @@ def run(a) -> None:
     bounds = pipeline.volume_sections(vol, n_sections=a.sections, planes=a.planes)
     params = cli.n4_params(a)
     attrs = pipeline.provenance("section", vol, {"section_n4": params.as_dict(), "index": a.index},
-                                engine="sitk", device="cpu")
+                                engine=a.engine, device="cpu")
     pipeline.stage_section(a.input, a.mask, bounds, a.index, a.out, params=params, voxel_size=a.voxel_size,
-                           threads=a.threads, attrs=attrs, overwrite=a.overwrite)
+                           threads=a.threads, engine=a.engine, attrs=attrs, overwrite=a.overwrite)
 
 
 def main(argv=None) -> int:

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1, help="sections fitted in parallel (processes)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads in total (default: all cores)")
     r.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
-    r.add_argument("--engine", choices=("sitk",), default="sitk", help="N4 engine (SimpleITK)")
+    r.add_argument("--engine", choices=("sitk", "octn4"), default="sitk",
+                   help="N4 engine: SimpleITK (the reference) or octn4's own (NumPy; see README)")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the N4 engine")
     add_mask_args(r)
     add_n4_args(r, title="N4 per section")

@@ -35,7 +35,9 @@ __all__ = [
     "FitResult",
     "control_points",
     "shrink_factors",
+    "fit_bias",
     "fit_bias_sitk",
+    "fit_bias_octn4",
     "correct",
     "compute_tissue_mask",
     "n4_correct",
@@ -247,6 +249,48 @@ def fit_bias_sitk(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params
                      seconds=time.perf_counter() - t0, **result)
 
 
+ENGINES = ("sitk", "octn4")
+
+
+def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params, threads: int = 1,
+             engine: str = "sitk") -> FitResult:
+    """Fit N4 on a shrunk image with the chosen engine ('sitk' or 'octn4'); same result type."""
+    if engine == "sitk":
+        return fit_bias_sitk(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
+                             params=params, threads=threads)
+    if engine == "octn4":
+        return fit_bias_octn4(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
+                              params=params)
+    raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+
+
+def fit_bias_octn4(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params) -> FitResult:
+    """Fit N4 with octn4's engine (:mod:`octn4.engine`) on an already shrunk image (NumPy)."""
+    from .engine import fit_lattice
+
+    t0 = time.perf_counter()
+    m0 = control_points(full_shape, voxel_size, params)
+    include = np.asarray(shrunk_mask, bool) & (shrunk > 0)
+    n_in = int(include.sum())
+    result = dict(shrink=tuple(shrink), fit_shape=tuple(shrunk.shape), control_points=m0, fit_voxels=n_in,
+                  engine="octn4")
+    if n_in < max(100, int(np.prod(m0))):
+        return FitResult(zero_field(full_shape, shrink, final_control_points(m0, params), params),
+                         status="no tissue", converged=False, **result)
+    fit = fit_lattice(np.asarray(shrunk, np.float32), include, m0=m0,
+                      levels_iterations=params.maximum_number_of_iterations,
+                      threshold=params.convergence_threshold, order=params.spline_order,
+                      bins=params.number_of_histogram_bins, fwhm=params.bias_field_full_width_at_half_maximum,
+                      noise=params.wiener_filter_noise)
+    maps = tuple(axis_map(n, m - params.spline_order, shrink=s, mode=params.evaluation)
+                 for n, m, s in zip(full_shape, fit.coeffs.shape, shrink))
+    fld = BSplineField(fit.coeffs, params.spline_order, tuple(full_shape), maps)
+    converged = all(c <= params.convergence_threshold or i < cap
+                    for i, c, cap in zip(fit.iterations, fit.convergence, params.maximum_number_of_iterations))
+    return FitResult(fld, iterations=fit.iterations, convergence=fit.convergence, converged=converged,
+                     seconds=time.perf_counter() - t0, **result)
+
+
 def _stretched_basis(n: int, m: int, order: int) -> np.ndarray:
     """Basis of SimpleITK's evaluation on an ``n``-voxel reference axis (t = S*i/(n-1))."""
     spans = m - order
@@ -284,7 +328,7 @@ def _shrunk_indices(shape, shrink):
 
 
 def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params = N4Params(),
-            threads: int = 1, tile_planes: int = 32):
+            threads: int = 1, tile_planes: int = 32, engine: str = "sitk"):
     """N4-correct a volume held in memory.
 
     Parameters
@@ -294,6 +338,7 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
         Voxels to fit; all voxels when omitted.
     voxel_size : (z, y, x) floats, mm
     params : N4Params
+    engine : 'sitk' (SimpleITK, the reference) or 'octn4' (octn4's engine)
 
     Returns
     -------
@@ -310,8 +355,8 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
     s = shrink_factors(vol.shape, voxel_size, params)
     iz, iy, ix = _shrunk_indices(vol.shape, s)
     sub = np.ix_(iz, iy, ix)
-    fit = fit_bias_sitk(vol[sub], msk[sub], full_shape=vol.shape, shrink=s, voxel_size=voxel_size,
-                        params=params, threads=threads)
+    fit = fit_bias(vol[sub], msk[sub], full_shape=vol.shape, shrink=s, voxel_size=voxel_size,
+                   params=params, threads=threads, engine=engine)
     corrected = np.empty_like(vol)
     bias = np.empty_like(vol)
     for z0 in range(0, vol.shape[0], tile_planes):

@@ -49,7 +49,7 @@ from .gains import GainParams, boundary_steps_from_data, solve_gains
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
 from .mask import MaskParams, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
-from .n4 import FitResult, N4Params, fit_bias_sitk, shrink_factors
+from .n4 import ENGINES, FitResult, N4Params, fit_bias, shrink_factors
 from .progress import progress
 from .sections import section_bounds
 
@@ -62,7 +62,6 @@ __all__ = [
     "read_records",
 ]
 
-ENGINES = ("sitk",)
 CHUNKS = (8, 256, 256)
 
 
@@ -91,7 +90,7 @@ class RunConfig:
         if self.engine not in ENGINES:
             raise InputError(f"engine must be one of {ENGINES}; got {self.engine!r}")
         if self.device != "cpu":
-            raise InputError(f"the {self.engine} engine runs on the CPU only; device {self.device!r} "
+            raise InputError(f"the {self.engine} engine runs on the CPU only so far; device {self.device!r} "
                              "is not available for it")
         if self.output_format not in ("ome-zarr", "nifti"):
             raise InputError(f"output format must be 'ome-zarr' or 'nifti'; got {self.output_format!r}")
@@ -214,7 +213,7 @@ def copy_mask(src: Volume, out_path, *, attrs: dict, slab: int = 16) -> None:
 
 
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
-                threads: int = 1) -> dict:
+                threads: int = 1, engine: str = "sitk") -> dict:
     """N4 on one section; reads only that section's Z slab of input and mask.
 
     Returns a JSON-ready record: index, Z range, fit summary and the field
@@ -234,19 +233,19 @@ def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, 
     zs = z0 + oz + s[0] * np.arange(mz)
     sub = vol.read_planes(zs, ys, xs)
     sub_mask = msk.read_planes(zs, ys, xs) > 0
-    fit = fit_bias_sitk(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
-                        params=params, threads=threads)
+    fit = fit_bias(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
+                   params=params, threads=threads, engine=engine)
     return {"index": index, "z_start": z0, "z_stop": z1, "fit": fit.summary(), "field": fit.field.to_dict()}
 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
-                  threads=1, attrs=None, overwrite=False) -> dict:
+                  threads=1, engine="sitk", attrs=None, overwrite=False) -> dict:
     """:func:`fit_section`, written to ``out_json``."""
     out_json = Path(out_json)
     if out_json.exists() and not overwrite:
         raise InputError("output already exists; pass --overwrite to replace it", out_json)
     rec = fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
-                      threads=threads)
+                      threads=threads, engine=engine)
     rec["provenance"] = attrs or {}
     write_json(rec, out_json)
     return rec
@@ -326,7 +325,8 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
     return [dict(r, gain_log=float(g)) for r, g in zip(records, gains)], report
 
 
-def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1) -> FitResult:
+def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
+               engine: str = "sitk") -> FitResult:
     """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
     fields = _section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)
@@ -343,8 +343,8 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
             sub_mask[j] = msk.read(z, z + 1, ys, xs)[0] > 0
             advance()
     log.info("global N4: fitting on a %s grid (shrink %s), %d tissue voxels", sub.shape, s, int(sub_mask.sum()))
-    return fit_bias_sitk(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=vol.voxel_size,
-                         params=params, threads=threads)
+    return fit_bias(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=vol.voxel_size,
+                    params=params, threads=threads, engine=engine)
 
 
 def tile_planes_for(shape, tile_mib: int) -> int:
@@ -392,7 +392,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
         records, gain_report = harmonise_gains(vol, msk, records, params=config.gains)
         timings["gains"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads)
+    gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads,
+                      engine=config.engine)
     timings["global_fit"] = time.perf_counter() - t0
     attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
                  section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0)) for r in records])
@@ -489,9 +490,9 @@ def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: 
 
 
 def _section_task(args):
-    input_path, mask_path, bounds, index, params, voxel_size, threads = args
+    input_path, mask_path, bounds, index, params, voxel_size, threads, engine = args
     return fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
-                       threads=threads)
+                       threads=threads, engine=engine)
 
 
 def _ingest(vol: Volume, path: Path) -> Volume:
@@ -558,7 +559,7 @@ def run(input_path, outdir, config: RunConfig) -> dict:
 def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig) -> list[dict]:
     workers = min(config.workers, len(bounds))
     threads = max(1, config.total_threads // workers)
-    jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads)
+    jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads, config.engine)
             for i in range(len(bounds))]
     records = []
     with progress(len(jobs), "N4 per section") as advance:
