@@ -1,5 +1,4 @@
 import gzip
-import json
 import os
 
 import nibabel as nib
@@ -130,4 +129,3 @@ def test_voxel_size_override_and_bare_zarr(tmp_path):
     with pytest.raises(InputError, match="voxel size missing"):
         open_volume(tmp_path / "a.zarr")
     assert open_volume(tmp_path / "a.zarr", voxel_size=(1, 2, 3)).voxel_size == (1, 2, 3)
-    json.dumps(open_volume(tmp_path / "a.zarr", voxel_size=(1, 2, 3)).voxel_size)

@@ -78,8 +78,7 @@ def test_report_reads_a_bounded_sample(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Volume, "read", counting)
     build_report(run_dir, tmp_path / "rep", max_px=24)
     total = sum(read_voxels)
-    assert 0 < total <= 10 * 24 * 24, total
-    assert sum(read(run_dir / "corrected.ome.zarr").shape) and total < 48 * 96 * 96 / 10
+    assert 0 < total <= 10 * 24 * 24, total   # the volumes hold 4 x 48*96*96 voxels
 
 
 def test_report_is_regenerated_from_outputs_alone(run_dir, tmp_path):

@@ -3,8 +3,7 @@
 Library functions take arrays and return arrays on the same device; the
 array decides the namespace (``xp``).  CuPy is never imported here or
 anywhere else at import time: it is reached only through an array that
-already is a CuPy array, or through :func:`require_device` when a user
-asks for ``cuda`` at the command line.
+already is a CuPy array.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import importlib
 import numpy as np
 from array_api_compat import array_namespace, is_cupy_array
 
-__all__ = ["array_namespace", "ndimage_for", "bincount", "to_numpy", "require_device"]
+__all__ = ["array_namespace", "ndimage_for", "bincount", "to_numpy"]
 
 
 def ndimage_for(x):
@@ -38,23 +37,3 @@ def to_numpy(x) -> np.ndarray:
     if is_cupy_array(x):
         return x.get()
     return np.asarray(x)
-
-
-def require_device(device: str):
-    """Return the array module for ``device`` ('cpu' or 'cuda').
-
-    A CUDA device that was asked for but is not usable is an error, never
-    a silent fall-back to the CPU.
-    """
-    if device == "cpu":
-        return np
-    if device != "cuda":
-        raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
-    try:
-        cp = importlib.import_module("cupy")
-        n = cp.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # ImportError, CUDARuntimeError, driver errors
-        raise RuntimeError(f"device 'cuda' was requested but CuPy/CUDA is not usable: {exc}") from exc
-    if n < 1:
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is visible")
-    return cp

@@ -148,12 +148,13 @@ def setup_logging(a) -> None:
 def guarded(fn, a, prog: str) -> int:
     """Run ``fn(a)``: bad input or parameters print one line and exit with status 2.
 
-    ``-v -v`` shows the traceback as well.
+    ``-v -v`` shows the traceback as well.  Anything else (an internal error)
+    propagates with its traceback.
     """
     setup_logging(a)
     try:
         fn(a)
-    except (InputError, ValueError, RuntimeError) as exc:
+    except (InputError, ValueError) as exc:
         if a.verbose > 1:
             log.exception("failed")
         print(f"{prog}: error: {exc}", file=sys.stderr)
