@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_section_args(p)
     cli.add_voxel_size_arg(p)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for N4")
-    p.add_argument("--engine", choices=("sitk", "octn4"), default="sitk", help="N4 engine")
+    cli.add_engine_args(p)
     cli.add_n4_args(p)
     cli.add_common_args(p)
     return p
@@ -29,11 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(a) -> None:
     vol = open_volume(a.input, voxel_size=a.voxel_size)
     bounds = pipeline.volume_sections(vol, n_sections=a.sections, planes=a.planes)
-    params = cli.n4_params(a)
-    attrs = pipeline.provenance("section", vol, {"section_n4": params.as_dict(), "index": a.index},
-                                engine=a.engine, device="cpu")
-    pipeline.stage_section(a.input, a.mask, bounds, a.index, a.out, params=params, voxel_size=a.voxel_size,
-                           threads=a.threads, engine=a.engine, attrs=attrs, overwrite=a.overwrite)
+    config = pipeline.RunConfig(section_n4=cli.n4_params(a), engine=a.engine, device=a.device)  # checks the device
+    attrs = pipeline.provenance("section", vol, {"section_n4": config.section_n4.as_dict(), "index": a.index},
+                                engine=a.engine, device=a.device)
+    pipeline.stage_section(a.input, a.mask, bounds, a.index, a.out, params=config.section_n4,
+                           voxel_size=a.voxel_size, threads=a.threads, engine=a.engine, device=a.device,
+                           attrs=attrs, overwrite=a.overwrite)
 
 
 def main(argv=None) -> int:

@@ -9,25 +9,30 @@ import pytest
 
 from octn4.synth import SynthParams, synth_stack
 
-#: Backends each array-generic test runs on; CuPy joins when it and a GPU are present.
-BACKENDS = ["numpy"]
-if importlib.util.find_spec("cupy") is not None:
+
+def _cuda_usable() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
     try:
         import cupy
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            BACKENDS.append("cupy")
+        return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # no driver / no device: CuPy tests are skipped, not failed
-        pass
+        return False
+
+
+HAVE_CUDA = _cuda_usable()
+_NO_CUDA = pytest.mark.skipif(not HAVE_CUDA, reason="CuPy with a CUDA device is not available here")
+
+#: Backends each array-generic test runs on (CuPy shows as skipped where it cannot run).
+BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, _NO_CUDA])]
+#: The engine also runs on array_api_strict: proof that it keeps to the standard and the _backend seam.
+ENGINE_BACKENDS = ["numpy", "array_api_strict", pytest.param("cupy", marks=[pytest.mark.gpu, _NO_CUDA])]
 
 
 @pytest.fixture(params=BACKENDS)
 def xp(request):
-    if request.param == "cupy":
-        import cupy
-
-        return cupy
-    return np
+    return importlib.import_module(request.param)
 
 
 @pytest.fixture(scope="session")

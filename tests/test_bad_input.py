@@ -1,5 +1,6 @@
 """Every bad input: a one-line error naming the file and the problem, exit 2, no output left."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -135,9 +136,16 @@ def test_mask_shape_mismatch(tmp_path, capsys):
     assert not (tmp_path / "s.json").exists()
 
 
-def test_gpu_requested_for_a_cpu_engine(tmp_path, capsys):
+def test_gpu_requested_for_the_simpleitk_engine(tmp_path, capsys):
     inp = ome(tmp_path / "v.ome.zarr", good())
-    assert_rejected(tmp_path, capsys, inp, "runs on the CPU only", ["--device", "cuda"], names=None)
+    assert_rejected(tmp_path, capsys, inp, "runs on the CPU only", ["--engine", "sitk", "--device", "cuda"],
+                    names=None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_gpu_requested_without_cupy(tmp_path, capsys):
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    assert_rejected(tmp_path, capsys, inp, "needs CuPy, which is not installed", ["--device", "cuda"], names=None)
 
 
 def test_integer_input_is_accepted_and_input_is_untouched(tmp_path):

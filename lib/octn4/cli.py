@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from ._backend import DEVICES
 from .errors import InputError
 from .gains import GainParams
 from .mask import MaskParams
-from .n4 import N4Params
+from .n4 import ENGINES, N4Params
 from .sections import parse_planes
 
-__all__ = ["main", "build_parser", "add_section_args", "add_mask_args", "add_n4_args", "guarded"]
+__all__ = ["main", "build_parser", "add_section_args", "add_mask_args", "add_n4_args", "add_engine_args", "guarded"]
 
 log = logging.getLogger("octn4")
 
@@ -118,6 +119,18 @@ def n4_params(a, prefix: str = "") -> N4Params:
                     shrink_factor=getattr(a, f"{k}shrink"), fit_voxels=getattr(a, f"{k}fit_voxels"))
 
 
+def add_engine_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=ENGINES, default="octn4",
+                   help="N4 engine: octn4's own (default; NumPy or CuPy) or SimpleITK (the reference, CPU)")
+    g.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the octn4 engine fits: cpu (NumPy) or cuda (CuPy; an error if no GPU is usable)")
+    if batch:
+        g.add_argument("--batch-sections", type=int, default=0, metavar="N",
+                       help="fit N equal-shaped sections together (octn4 engine); 0 = auto: 1 on the CPU, "
+                            "as many as fit ~32 M fit-grid voxels on a GPU")
+
+
 def add_gain_args(p: argparse.ArgumentParser) -> None:
     d = GainParams()
     g = p.add_argument_group("section gains")
@@ -173,7 +186,7 @@ def _cmd_run(a) -> None:
         voxel_size=a.voxel_size, mask_path=a.mask, mask=mask_params(a), section_n4=n4_params(a),
         global_n4=n4_params(a, "global-"), gains=gain_params(a), workers=a.workers, threads=a.threads,
         output_format=a.format, overwrite=a.overwrite, check_log_scale=not a.skip_log_scale_check,
-        engine=a.engine, device=a.device)
+        engine=a.engine, device=a.device, batch_sections=a.batch_sections)
     m = run(a.input, a.outdir, config)
     s = m["summary"]
     print(f"octn4: corrected {a.input} -> {a.outdir}; QC report: {a.outdir / 'report' / 'report.html'}  "
@@ -221,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1, help="sections fitted in parallel (processes)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads in total (default: all cores)")
     r.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
-    r.add_argument("--engine", choices=("sitk", "octn4"), default="sitk",
-                   help="N4 engine: SimpleITK (the reference) or octn4's own (NumPy; see README)")
-    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the N4 engine")
+    add_engine_args(r, batch=True)
     add_mask_args(r)
     add_n4_args(r, title="N4 per section")
     add_gain_args(r)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._backend import array_namespace
+from ._backend import DEVICES, array_namespace, cuda_namespace
 from .bspline import BSplineField, axis_map, basis_matrix, shrink_grid
 from .errors import InputError
 from .mask import MaskParams, tissue_mask
@@ -38,6 +38,7 @@ __all__ = [
     "fit_bias",
     "fit_bias_sitk",
     "fit_bias_octn4",
+    "fit_bias_batch",
     "correct",
     "compute_tissue_mask",
     "n4_correct",
@@ -178,6 +179,7 @@ class FitResult:
     seconds: float = 0.0
     engine: str = "sitk"
     device: str = "cpu"
+    batch_size: int = 1                         # members fitted together (octn4 engine)
 
     def summary(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "field"}
@@ -252,43 +254,83 @@ def fit_bias_sitk(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params
 ENGINES = ("sitk", "octn4")
 
 
+def _check_engine_device(engine: str, device: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    if engine == "sitk" and device != "cpu":
+        raise InputError(f"the SimpleITK engine runs on the CPU only; device {device!r} needs --engine octn4")
+
+
 def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params, threads: int = 1,
-             engine: str = "sitk") -> FitResult:
-    """Fit N4 on a shrunk image with the chosen engine ('sitk' or 'octn4'); same result type."""
+             engine: str = "octn4", device: str = "cpu") -> FitResult:
+    """Fit N4 on a shrunk image with the chosen engine ('octn4' or 'sitk') and device; same result type."""
+    _check_engine_device(engine, device)
     if engine == "sitk":
         return fit_bias_sitk(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
                              params=params, threads=threads)
-    if engine == "octn4":
-        return fit_bias_octn4(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
-                              params=params)
-    raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    return fit_bias_batch([shrunk], [shrunk_mask], full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
+                          params=params, device=device)[0]
 
 
-def fit_bias_octn4(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params) -> FitResult:
-    """Fit N4 with octn4's engine (:mod:`octn4.engine`) on an already shrunk image (NumPy)."""
-    from .engine import fit_lattice
+def fit_bias_octn4(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params,
+                   device: str = "cpu") -> FitResult:
+    """Fit N4 with octn4's engine (:mod:`octn4.engine`) on an already shrunk image."""
+    return fit_bias_batch([shrunk], [shrunk_mask], full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
+                          params=params, device=device)[0]
 
+
+def fit_bias_batch(shrunk, shrunk_masks, *, full_shape, shrink, voxel_size, params: N4Params,
+                   device: str = "cpu") -> list[FitResult]:
+    """Fit N4 with octn4's engine on several equal-shaped shrunk images at once (one batched loop).
+
+    All members share ``full_shape``, ``shrink`` and ``params`` (the
+    sections of one stack with equal plane counts).  Members with too
+    little tissue get the flagged zero field, as in :func:`fit_bias_sitk`.
+    On ``device='cuda'`` the fit grids are copied to the GPU (CuPy) and only
+    the lattices come back.
+    """
+    from .engine import fit_lattice_batch
+
+    _check_engine_device("octn4", device)
+    xp = cuda_namespace() if device == "cuda" else None
     t0 = time.perf_counter()
     m0 = control_points(full_shape, voxel_size, params)
-    include = np.asarray(shrunk_mask, bool) & (shrunk > 0)
-    n_in = int(include.sum())
-    result = dict(shrink=tuple(shrink), fit_shape=tuple(shrunk.shape), control_points=m0, fit_voxels=n_in,
-                  engine="octn4")
-    if n_in < max(100, int(np.prod(m0))):
-        return FitResult(zero_field(full_shape, shrink, final_control_points(m0, params), params),
-                         status="no tissue", converged=False, **result)
-    fit = fit_lattice(np.asarray(shrunk, np.float32), include, m0=m0,
-                      levels_iterations=params.maximum_number_of_iterations,
-                      threshold=params.convergence_threshold, order=params.spline_order,
-                      bins=params.number_of_histogram_bins, fwhm=params.bias_field_full_width_at_half_maximum,
-                      noise=params.wiener_filter_noise)
-    maps = tuple(axis_map(n, m - params.spline_order, shrink=s, mode=params.evaluation)
-                 for n, m, s in zip(full_shape, fit.coeffs.shape, shrink))
-    fld = BSplineField(fit.coeffs, params.spline_order, tuple(full_shape), maps)
-    converged = all(c <= params.convergence_threshold or i < cap
-                    for i, c, cap in zip(fit.iterations, fit.convergence, params.maximum_number_of_iterations))
-    return FitResult(fld, iterations=fit.iterations, convergence=fit.convergence, converged=converged,
-                     seconds=time.perf_counter() - t0, **result)
+    m_final = final_control_points(m0, params)
+    images = [np.asarray(a, np.float32) for a in shrunk]
+    include = [np.asarray(k, bool) & (a > 0) for a, k in zip(images, shrunk_masks)]
+    if len({a.shape for a in images}) > 1:
+        raise ValueError(f"a batch needs equal shapes; got {sorted({a.shape for a in images})}")
+    common = dict(shrink=tuple(shrink), control_points=m0, engine="octn4", device=device)
+    out: list[FitResult | None] = [None] * len(images)
+    todo = []
+    for j, (a, inc) in enumerate(zip(images, include)):
+        n_in = int(inc.sum())
+        if n_in < max(100, int(np.prod(m0))):
+            out[j] = FitResult(zero_field(full_shape, shrink, m_final, params), fit_shape=a.shape,
+                               fit_voxels=n_in, status="no tissue", converged=False, **common)
+        else:
+            todo.append(j)
+    if todo:
+        batch_img, batch_mask = np.stack([images[j] for j in todo]), np.stack([include[j] for j in todo])
+        if xp is not None:
+            batch_img, batch_mask = xp.asarray(batch_img), xp.asarray(batch_mask)
+        fits = fit_lattice_batch(batch_img, batch_mask, m0=m0, levels_iterations=params.maximum_number_of_iterations,
+                                 threshold=params.convergence_threshold, order=params.spline_order,
+                                 bins=params.number_of_histogram_bins,
+                                 fwhm=params.bias_field_full_width_at_half_maximum, noise=params.wiener_filter_noise)
+        seconds = (time.perf_counter() - t0) / len(todo)
+        maps = tuple(axis_map(n, m - params.spline_order, shrink=s, mode=params.evaluation)
+                     for n, m, s in zip(full_shape, m_final, shrink))
+        for j, fit in zip(todo, fits):
+            converged = all(c <= params.convergence_threshold or i < cap for i, c, cap in
+                            zip(fit.iterations, fit.convergence, params.maximum_number_of_iterations))
+            out[j] = FitResult(BSplineField(fit.coeffs, params.spline_order, tuple(full_shape), maps),
+                               fit_shape=images[j].shape, fit_voxels=int(include[j].sum()),
+                               iterations=fit.iterations, convergence=fit.convergence, converged=converged,
+                               seconds=seconds, batch_size=len(todo), **common)
+    return out
 
 
 def _stretched_basis(n: int, m: int, order: int) -> np.ndarray:

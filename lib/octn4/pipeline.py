@@ -43,13 +43,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._backend import DEVICES, cuda_namespace
 from .bspline import BSplineField, shrink_grid
 from .errors import InputError
 from .gains import GainParams, boundary_steps_from_data, solve_gains
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
 from .mask import MaskParams, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
-from .n4 import ENGINES, FitResult, N4Params, fit_bias, shrink_factors
+from .n4 import ENGINES, FitResult, N4Params, fit_bias, fit_bias_batch, shrink_factors
 from .progress import progress
 from .sections import section_bounds
 
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 CHUNKS = (8, 256, 256)
+
+#: Fit-grid voxels of one batched section fit on a GPU (the engine holds ~10 float64 buffers of it: ~2.5 GiB).
+BATCH_FIT_VOXELS = 32 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -83,15 +87,23 @@ class RunConfig:
     overwrite: bool = False
     check_log_scale: bool = True
     tile_mib: int = 1024
-    engine: str = "sitk"
+    engine: str = "octn4"
     device: str = "cpu"
+    batch_sections: int = 0          # sections per batched fit (octn4 engine); 0 = auto
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise InputError(f"engine must be one of {ENGINES}; got {self.engine!r}")
-        if self.device != "cpu":
-            raise InputError(f"the {self.engine} engine runs on the CPU only so far; device {self.device!r} "
-                             "is not available for it")
+        if self.device not in DEVICES:
+            raise InputError(f"device must be one of {DEVICES}; got {self.device!r}")
+        if self.device == "cuda":
+            if self.engine != "octn4":
+                raise InputError("the SimpleITK engine runs on the CPU only; --device cuda needs --engine octn4")
+            cuda_namespace()         # fail now, naming what is missing, rather than after the mask stage
+        if self.batch_sections < 0:
+            raise InputError(f"batch_sections must be >= 0 (0 = auto); got {self.batch_sections}")
+        if self.batch_sections > 1 and self.engine != "octn4":
+            raise InputError("batched section fits need --engine octn4")
         if self.output_format not in ("ome-zarr", "nifti"):
             raise InputError(f"output format must be 'ome-zarr' or 'nifti'; got {self.output_format!r}")
         if self.workers < 1:
@@ -100,6 +112,15 @@ class RunConfig:
     @property
     def total_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
+
+    def section_batch(self, fit_grid_voxels: int) -> int:
+        """Sections fitted together: as given, else 1 on the CPU (workers run sections in parallel) and,
+        on a GPU, as many as keep the batch's fit grids within ``BATCH_FIT_VOXELS``."""
+        if self.batch_sections:
+            return self.batch_sections
+        if self.engine != "octn4" or self.device == "cpu":
+            return 1
+        return max(1, BATCH_FIT_VOXELS // max(1, fit_grid_voxels))
 
     def bounds(self, vol: Volume):
         return volume_sections(vol, n_sections=self.n_sections, planes=self.planes)
@@ -113,7 +134,7 @@ class RunConfig:
             "global_n4": self.global_n4.as_dict(), "gains": self.gains.as_dict(),
             "workers": self.workers, "threads": self.total_threads,
             "output_format": self.output_format, "check_log_scale": self.check_log_scale,
-            "engine": self.engine, "device": self.device,
+            "engine": self.engine, "device": self.device, "batch_sections": self.batch_sections,
         }
 
 
@@ -212,8 +233,33 @@ def copy_mask(src: Volume, out_path, *, attrs: dict, slab: int = 16) -> None:
         w.commit()
 
 
+def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Params):
+    """The shrunk fit grid of one section, read from its own Z slab only.
+
+    Returns ``(shape, shrink, image, mask)``: the section's full-resolution
+    shape, the shrink factors, and the sampled image and mask.
+    """
+    if not 0 <= index < len(bounds):
+        raise InputError(f"section index {index} is out of range (0..{len(bounds) - 1})")
+    z0, z1 = bounds[index]
+    shape = (z1 - z0,) + vol.shape[1:]
+    if shape[0] < 2:
+        raise InputError(f"section {index} has {shape[0]} plane; N4 needs at least 2 per section", vol.path)
+    s = shrink_factors(shape, vol.voxel_size, params)
+    (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(shape, s))
+    ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
+    zs = z0 + oz + s[0] * np.arange(mz)
+    return shape, s, vol.read_planes(zs, ys, xs), msk.read_planes(zs, ys, xs) > 0
+
+
+def _section_record(bounds, index: int, fit: FitResult) -> dict:
+    z0, z1 = bounds[index]
+    return {"index": index, "z_start": int(z0), "z_stop": int(z1), "fit": fit.summary(),
+            "field": fit.field.to_dict()}
+
+
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
-                threads: int = 1, engine: str = "sitk") -> dict:
+                threads: int = 1, engine: str = "octn4", device: str = "cpu") -> dict:
     """N4 on one section; reads only that section's Z slab of input and mask.
 
     Returns a JSON-ready record: index, Z range, fit summary and the field
@@ -221,31 +267,44 @@ def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, 
     """
     vol = open_volume(input_path, voxel_size=voxel_size)
     msk = _open_mask(mask_path, vol)
-    if not 0 <= index < len(bounds):
-        raise InputError(f"section index {index} is out of range (0..{len(bounds) - 1})")
-    z0, z1 = bounds[index]
-    shape = (z1 - z0,) + vol.shape[1:]
-    if shape[0] < 2:
-        raise InputError(f"section {index} has {shape[0]} plane; N4 needs at least 2 per section", input_path)
-    s = shrink_factors(shape, vol.voxel_size, params)
-    (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(shape, s))
-    ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
-    zs = z0 + oz + s[0] * np.arange(mz)
-    sub = vol.read_planes(zs, ys, xs)
-    sub_mask = msk.read_planes(zs, ys, xs) > 0
+    shape, s, sub, sub_mask = section_fit_grid(vol, msk, bounds, index, params)
     fit = fit_bias(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
-                   params=params, threads=threads, engine=engine)
-    return {"index": index, "z_start": z0, "z_stop": z1, "fit": fit.summary(), "field": fit.field.to_dict()}
+                   params=params, threads=threads, engine=engine, device=device)
+    return _section_record(bounds, index, fit)
+
+
+def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, batch: int, device: str = "cpu",
+                         progress_step=None) -> list[dict]:
+    """N4 on every section with octn4's engine, equal-shaped sections fitted ``batch`` at a time.
+
+    Gives the records :func:`fit_section` gives one by one (same fit grids,
+    same lattices); only the loop is shared.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (z0, z1) in enumerate(bounds):
+        groups.setdefault((z1 - z0,), []).append(i)
+    records = []
+    for members in groups.values():
+        for k in range(0, len(members), batch):
+            chunk = members[k:k + batch]
+            grids = [section_fit_grid(vol, msk, bounds, i, params) for i in chunk]
+            shape, s = grids[0][0], grids[0][1]
+            fits = fit_bias_batch([g[2] for g in grids], [g[3] for g in grids], full_shape=shape, shrink=s,
+                                  voxel_size=vol.voxel_size, params=params, device=device)
+            records += [_section_record(bounds, i, f) for i, f in zip(chunk, fits)]
+            if progress_step is not None:
+                progress_step(len(chunk))
+    return assemble_sections(records, len(bounds))
 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
-                  threads=1, engine="sitk", attrs=None, overwrite=False) -> dict:
+                  threads=1, engine="octn4", device="cpu", attrs=None, overwrite=False) -> dict:
     """:func:`fit_section`, written to ``out_json``."""
     out_json = Path(out_json)
     if out_json.exists() and not overwrite:
         raise InputError("output already exists; pass --overwrite to replace it", out_json)
     rec = fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
-                      threads=threads, engine=engine)
+                      threads=threads, engine=engine, device=device)
     rec["provenance"] = attrs or {}
     write_json(rec, out_json)
     return rec
@@ -326,7 +385,7 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
 
 
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
-               engine: str = "sitk") -> FitResult:
+               engine: str = "octn4", device: str = "cpu") -> FitResult:
     """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
     fields = _section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)
@@ -344,7 +403,7 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
             advance()
     log.info("global N4: fitting on a %s grid (shrink %s), %d tissue voxels", sub.shape, s, int(sub_mask.sum()))
     return fit_bias(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=vol.voxel_size,
-                    params=params, threads=threads, engine=engine)
+                    params=params, threads=threads, engine=engine, device=device)
 
 
 def tile_planes_for(shape, tile_mib: int) -> int:
@@ -393,7 +452,7 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
         timings["gains"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads,
-                      engine=config.engine)
+                      engine=config.engine, device=config.device)
     timings["global_fit"] = time.perf_counter() - t0
     attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
                  section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0)) for r in records])
@@ -490,9 +549,9 @@ def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: 
 
 
 def _section_task(args):
-    input_path, mask_path, bounds, index, params, voxel_size, threads, engine = args
+    input_path, mask_path, bounds, index, params, voxel_size, threads, engine, device = args
     return fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
-                       threads=threads, engine=engine)
+                       threads=threads, engine=engine, device=device)
 
 
 def _ingest(vol: Volume, path: Path) -> Volume:
@@ -557,10 +616,17 @@ def run(input_path, outdir, config: RunConfig) -> dict:
 
 
 def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig) -> list[dict]:
-    workers = min(config.workers, len(bounds))
+    first = section_fit_grid(vol, msk, bounds, 0, config.section_n4)[2]
+    batch = min(config.section_batch(first.size), len(bounds))
+    if batch > 1:
+        log.info("N4 per section: batches of up to %d equal-shaped sections on %s", batch, config.device)
+        with progress(len(bounds), "N4 per section") as advance:
+            return fit_sections_batched(vol, msk, bounds, params=config.section_n4, batch=batch,
+                                        device=config.device, progress_step=advance)
+    workers = 1 if config.device == "cuda" else min(config.workers, len(bounds))
     threads = max(1, config.total_threads // workers)
-    jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads, config.engine)
-            for i in range(len(bounds))]
+    jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads, config.engine,
+             config.device) for i in range(len(bounds))]
     records = []
     with progress(len(jobs), "N4 per section") as advance:
         if workers == 1:
