@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo
 
-.PHONY: demo test venv browser lock clean
+.PHONY: demo test venv browser java lock images clean
 
 # The report test drives a real headless browser (Debian's chromium + chromedriver).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -35,15 +35,28 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-test: venv browser
+# The offline Nextflow checks run Nextflow's language server (Java 17+).
+java:
+	@command -v java >/dev/null || { \
+	  echo "installing Debian's default-jre-headless for the Nextflow checks"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jre-headless; }
+
+test: venv browser java
 	$(PY) -m pytest -q
 
-# Re-pin constraints.txt from a clean resolve of pyproject.toml's ranges.
+# Re-pin constraints.txt from a clean resolve of pyproject.toml's ranges; the GPU extra
+# (CuPy and NVIDIA's CUDA wheels, for the CUDA image) is resolved without installing it.
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
 	.lockenv/bin/pip install --quiet '.[test]'
 	.lockenv/bin/pip freeze --exclude octn4 > constraints.txt
+	.lockenv/bin/python containers/pin_gpu.py constraints.txt
 	rm -rf .lockenv
 
+# Build and tag the CPU and CUDA images (and Apptainer twins where apptainer exists).
+images:
+	bash containers/build.sh
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) .pytest_cache .cache

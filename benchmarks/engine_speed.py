@@ -121,8 +121,9 @@ def growth(a):
     for n in a.growth:
         vol, mask = phantom(n)
         t_sitk, want, _ = run_sitk(vol, mask, its, 0.0, a.threads) if n <= a.sitk_max else (np.nan, None, None)
-        t_eng, fit = timed(lambda: fit_lattice(to_device(vol, a.device), to_device(mask, a.device), m0=(4, 4, 4),
-                                               levels_iterations=its, threshold=0.0), a.device)
+        t_eng, fit = timed(lambda v=vol, m=mask: fit_lattice(to_device(v, a.device), to_device(m, a.device),
+                                                             m0=(4, 4, 4), levels_iterations=its, threshold=0.0),
+                           a.device)
         diff = np.abs(field_of(fit, vol.shape) - want).max() if want is not None else np.nan
         print(f"{n:>5}^3 {vol.size:>12,} {t_sitk / n_its:>15.3f} {t_eng / n_its:>11.3f} "
               f"{t_sitk / t_eng:>8.1f}x {diff:>11.2e}", flush=True)

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    build_report(a.results, a.out, name=a.name, max_px=a.max_px, overwrite=a.overwrite)
+    build_report(a.results, a.out, name=a.name, max_px=a.max_px, overwrite=a.overwrite, mask=a.mask)
 
 
 def main(argv=None) -> int:

@@ -31,9 +31,9 @@ def run(a) -> None:
     bounds = pipeline.volume_sections(vol, n_sections=a.sections, planes=a.planes)
     config = pipeline.RunConfig(section_n4=cli.n4_params(a), engine=a.engine, device=a.device)  # checks the device
     attrs = pipeline.provenance("section", vol, {"section_n4": config.section_n4.as_dict(), "index": a.index},
-                                engine=a.engine, device=a.device)
+                                engine=a.engine, device=config.device)
     pipeline.stage_section(a.input, a.mask, bounds, a.index, a.out, params=config.section_n4,
-                           voxel_size=a.voxel_size, threads=a.threads, engine=a.engine, device=a.device,
+                           voxel_size=a.voxel_size, threads=a.threads, engine=a.engine, device=config.device,
                            attrs=attrs, overwrite=a.overwrite)
 
 

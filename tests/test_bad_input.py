@@ -145,7 +145,20 @@ def test_gpu_requested_for_the_simpleitk_engine(tmp_path, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
 def test_gpu_requested_without_cupy(tmp_path, capsys):
     inp = ome(tmp_path / "v.ome.zarr", good())
-    assert_rejected(tmp_path, capsys, inp, "needs CuPy, which is not installed", ["--device", "cuda"], names=None)
+    assert_rejected(tmp_path, capsys, inp, "needs CuPy, which is not installed",
+                    ["--engine", "octn4", "--device", "cuda"], names=None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_device_auto_falls_back_to_the_cpu_and_says_so(tmp_path):
+    from octn4.io import read_attrs
+
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    out = tmp_path / "out"
+    assert main(["run", str(inp), str(out), "--sections", "2", "--engine", "octn4", "--device", "auto",
+                 "--iterations", "2", "--global-iterations", "2", "-q"]) == 0
+    attrs = read_attrs(out / "corrected.ome.zarr")
+    assert attrs["device"] == "cpu" and attrs["parameters"]["device"] == "cpu"
 
 
 def test_integer_input_is_accepted_and_input_is_untouched(tmp_path):

@@ -129,3 +129,23 @@ def test_voxel_size_override_and_bare_zarr(tmp_path):
     with pytest.raises(InputError, match="voxel size missing"):
         open_volume(tmp_path / "a.zarr")
     assert open_volume(tmp_path / "a.zarr", voxel_size=(1, 2, 3)).voxel_size == (1, 2, 3)
+
+
+def test_read_planes_decompresses_each_z_chunk_once(tmp_path, monkeypatch):
+    """Planes sharing a Z chunk come from one read of their span; values equal plane-by-plane reads."""
+    from octn4.io import Volume, open_volume
+
+    data = np.random.default_rng(0).random((40, 12, 10), dtype=np.float32) + 0.5
+    path = tmp_path / "v.ome.zarr"
+    with OmeZarrWriter(path, data.shape, (0.05, 0.05, 0.05), chunks=(8, 12, 10)) as w:
+        w.write(0, data)
+        w.commit()
+    vol = open_volume(path)
+    calls = []
+    original = Volume.read
+    monkeypatch.setattr(Volume, "read", lambda self, z0, z1, ys=slice(None), xs=slice(None):
+                        calls.append((z0, z1)) or original(self, z0, z1, ys, xs))
+    zs = [1, 3, 5, 9, 17, 21, 39]
+    got = vol.read_planes(zs, slice(0, None, 2), slice(1, None, 3))
+    np.testing.assert_array_equal(got, data[zs][:, ::2, 1::3])
+    assert calls == [(1, 6), (9, 10), (17, 22), (39, 40)]     # one read per Z chunk touched

@@ -28,13 +28,25 @@ def sitk_log_field(vol, mask, *, shrink, iterations, m0, threshold=1e-3):
     return sitk.GetArrayFromImage(f.GetLogBiasFieldAsImage(img))
 
 
-@pytest.mark.parametrize("iterations,tol", [((3,), 1e-5), ((5, 5, 5), 1e-4)])
-def test_stretched_evaluation_matches_simpleitk(iterations, tol):
+MULTILEVEL_DIVERGENCE = pytest.mark.xfail(strict=True, reason=(
+    "octn4's engine vs SimpleITK, 3 levels x 5 iterations on this 10x20x22 fit grid: 1.1e-4 (> 1e-4). On small "
+    "grids with 5+ iterations per level, about half the cases tried diverge by 1e-5..2e-4 from the second level "
+    "on; 2 levels x 2 iterations match to 1e-7 in all of them. One case is mostly explained by ITK's top-bin "
+    "float32 cliff; the cause of the rest is not established (see README, N4 engines)."))
+
+
+@pytest.mark.parametrize("engine", ["sitk", "octn4"])
+@pytest.mark.parametrize("iterations,tol", [((3,), 1e-5), pytest.param((5, 5, 5), 1e-4, id="multilevel")])
+def test_stretched_evaluation_matches_simpleitk(iterations, tol, engine, request):
+    """Shrink + full-resolution evaluation through ``correct`` with either engine, against SimpleITK's recipe."""
+    if engine == "octn4" and len(iterations) > 1:
+        request.applymarker(MULTILEVEL_DIVERGENCE)
     vol, mask, _ = smooth_phantom()
     want = sitk_log_field(vol, mask, shrink=2, iterations=iterations, m0=(4, 5, 4))
     p = N4Params(maximum_number_of_iterations=iterations, shrink_factor=2, number_of_control_points=(4, 5, 4),
                  evaluation="stretched")
-    corrected, bias, fit = correct(vol, mask, voxel_size=VS, params=p)
+    corrected, bias, fit = correct(vol, mask, voxel_size=VS, params=p, engine=engine)
+    assert fit.engine == engine
     assert np.abs(np.log(bias) - want).max() <= tol
     np.testing.assert_allclose(corrected, vol / bias, rtol=1e-6)
     assert fit.status == "fitted" and len(fit.iterations) == len(iterations)

@@ -33,7 +33,7 @@ def test_outputs_and_provenance(result, demo_stack):
         vol = open_volume(result / f"{name}.ome.zarr")
         assert vol.shape == (96, 192, 192) and vol.voxel_size == (0.05, 0.05, 0.05)
         attrs = read_attrs(result / f"{name}.ome.zarr")
-        assert attrs["engine"] == "octn4" and attrs["device"] == "cpu"
+        assert attrs["engine"] == "sitk" and attrs["device"] == "cpu"
         assert attrs["input"] == str((demo_stack / "volume.ome.zarr").resolve())
         assert attrs["parameters"]["section_n4"]["maximum_number_of_iterations"] == [50, 50, 50, 50]
         assert attrs["versions"]["SimpleITK"] and attrs["octn4_version"]
@@ -110,8 +110,9 @@ def test_bin_scripts_in_workflow_order_reproduce_run(small_stack, tmp_path):
 def test_batched_section_fits_give_the_per_section_result(small_stack, tmp_path):
     """--batch-sections fits equal-shaped sections in one engine loop; the result is the one-by-one result."""
     inp = str(small_stack / "volume.ome.zarr")
-    assert main(["run", inp, str(tmp_path / "one"), "--sections", "3", *FAST]) == 0
-    assert main(["run", inp, str(tmp_path / "batch"), "--sections", "3", "--batch-sections", "3", *FAST]) == 0
+    assert main(["run", inp, str(tmp_path / "one"), "--sections", "3", "--engine", "octn4", *FAST]) == 0
+    assert main(["run", inp, str(tmp_path / "batch"), "--sections", "3", "--engine", "octn4", "--batch-sections", "3",
+                 *FAST]) == 0
     one, batch = (json.loads((tmp_path / d / "metrics.json").read_text())["provenance"] for d in ("one", "batch"))
     assert [f["batch_size"] for f in batch["section_fits"]] == [3, 3, 3]
     assert [f["batch_size"] for f in one["section_fits"]] == [1, 1, 1]

@@ -18,7 +18,7 @@ from .errors import InputError
 __all__ = ["array_namespace", "ndimage_for", "bincount", "nonzero_flat", "scatter", "to_numpy", "from_numpy",
            "cuda_namespace", "DEVICES"]
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def ndimage_for(x):

@@ -121,10 +121,11 @@ def n4_params(a, prefix: str = "") -> N4Params:
 
 def add_engine_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=ENGINES, default="octn4",
-                   help="N4 engine: octn4's own (default; NumPy or CuPy) or SimpleITK (the reference, CPU)")
+    g.add_argument("--engine", choices=ENGINES, default="sitk",
+                   help="N4 engine: SimpleITK (default, the reference, CPU) or octn4's own (NumPy or CuPy)")
     g.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the octn4 engine fits: cpu (NumPy) or cuda (CuPy; an error if no GPU is usable)")
+                   help="where the octn4 engine fits: cpu (NumPy), cuda (CuPy; an error if no GPU is usable) or "
+                        "auto (cuda when the octn4 engine has a usable GPU, else cpu)")
     if batch:
         g.add_argument("--batch-sections", type=int, default=0, metavar="N",
                        help="fit N equal-shaped sections together (octn4 engine); 0 = auto: 1 on the CPU, "
@@ -147,6 +148,7 @@ def gain_params(a) -> GainParams:
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"octn4 {__version__}")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -207,7 +209,7 @@ def _cmd_synth(a) -> None:
 def _cmd_report(a) -> None:
     from .report import build_report
 
-    page = build_report(a.results, a.out, name=a.name, max_px=a.max_px, overwrite=True)
+    page = build_report(a.results, a.out, name=a.name, max_px=a.max_px, overwrite=True, mask=a.mask)
     print(f"octn4: wrote {page}")
 
 
@@ -216,6 +218,7 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="report folder (default RESULTS/report)")
     p.add_argument("--name", default=None, help="name shown in the report (default: the folder's name)")
     p.add_argument("--max-px", type=int, default=512, help="largest side of a view, pixels")
+    p.add_argument("--mask", type=Path, default=None, help="the run's tissue mask (default: RESULTS/mask.*)")
 
 
 def build_parser() -> argparse.ArgumentParser:

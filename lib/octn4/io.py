@@ -101,10 +101,27 @@ class Volume:
         return np.asarray(block, dtype=np.float32)
 
     def read_planes(self, zs: Sequence[int], ys=slice(None), xs=slice(None)) -> np.ndarray:
-        """Planes at the Z indices ``zs`` (each read on its own)."""
-        out = [self.read(int(z), int(z) + 1, ys, xs) for z in zs]
-        if not out:
+        """Planes at the Z indices ``zs`` (ascending), Y/X optionally strided.
+
+        Zarr data are read once per Z chunk: the planes that share a chunk
+        come from one read of their span, so every stored chunk is
+        decompressed at most once (reading plane by plane would decompress a
+        16-plane chunk for each plane taken from it).
+        """
+        zs = [int(z) for z in zs]
+        if not zs:
             return np.zeros((0,) + self.shape[1:], np.float32)[:, ys, xs]
+        if self._nifti is not None:
+            return np.concatenate([self.read(z, z + 1, ys, xs) for z in zs], axis=0)
+        cz = self._array.chunks[len(self._lead)]
+        out, i = [], 0
+        while i < len(zs):
+            j = i
+            while j + 1 < len(zs) and zs[j + 1] // cz == zs[i] // cz:
+                j += 1
+            block = self.read(zs[i], zs[j] + 1, ys, xs)
+            out.append(block[[z - zs[i] for z in zs[i:j + 1]]])
+            i = j + 1
         return np.concatenate(out, axis=0)
 
     def _read_nifti(self, z0, z1):

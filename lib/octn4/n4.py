@@ -18,6 +18,7 @@ never needs the whole volume in memory.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,8 @@ from .errors import InputError
 from .mask import MaskParams, tissue_mask
 from .sections import section_bounds
 
+log = logging.getLogger("octn4")
+
 __all__ = [
     "N4Params",
     "FitResult",
@@ -39,6 +42,7 @@ __all__ = [
     "fit_bias_sitk",
     "fit_bias_octn4",
     "fit_bias_batch",
+    "resolve_device",
     "correct",
     "compute_tissue_mask",
     "n4_correct",
@@ -254,19 +258,37 @@ def fit_bias_sitk(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params
 ENGINES = ("sitk", "octn4")
 
 
-def _check_engine_device(engine: str, device: str) -> None:
+def resolve_device(device: str, engine: str) -> str:
+    """The device a fit runs on: 'cpu' or 'cuda'.
+
+    'cuda' is an error (naming what is missing) unless the octn4 engine has
+    CuPy and a CUDA device; 'auto' becomes 'cuda' when it would work and
+    'cpu' otherwise (for schedulers that may or may not grant a GPU).
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    if device == "auto":
+        if engine != "octn4":
+            return "cpu"
+        try:
+            cuda_namespace()
+        except InputError as exc:
+            log.info("device auto: fitting on the CPU (%s)", exc.problem)
+            return "cpu"
+        return "cuda"
     if engine == "sitk" and device != "cpu":
         raise InputError(f"the SimpleITK engine runs on the CPU only; device {device!r} needs --engine octn4")
+    if device == "cuda":
+        cuda_namespace()
+    return device
 
 
 def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params, threads: int = 1,
-             engine: str = "octn4", device: str = "cpu") -> FitResult:
-    """Fit N4 on a shrunk image with the chosen engine ('octn4' or 'sitk') and device; same result type."""
-    _check_engine_device(engine, device)
+             engine: str = "sitk", device: str = "cpu") -> FitResult:
+    """Fit N4 on a shrunk image with the chosen engine ('sitk' or 'octn4') and device; same result type."""
+    device = resolve_device(device, engine)
     if engine == "sitk":
         return fit_bias_sitk(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
                              params=params, threads=threads)
@@ -293,7 +315,7 @@ def fit_bias_batch(shrunk, shrunk_masks, *, full_shape, shrink, voxel_size, para
     """
     from .engine import fit_lattice_batch
 
-    _check_engine_device("octn4", device)
+    device = resolve_device(device, "octn4")
     xp = cuda_namespace() if device == "cuda" else None
     t0 = time.perf_counter()
     m0 = control_points(full_shape, voxel_size, params)
@@ -370,7 +392,7 @@ def _shrunk_indices(shape, shrink):
 
 
 def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params = N4Params(),
-            threads: int = 1, tile_planes: int = 32, engine: str = "sitk"):
+            threads: int = 1, tile_planes: int = 32, engine: str = "sitk", device: str = "cpu"):
     """N4-correct a volume held in memory.
 
     Parameters
@@ -380,7 +402,8 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
         Voxels to fit; all voxels when omitted.
     voxel_size : (z, y, x) floats, mm
     params : N4Params
-    engine : 'sitk' (SimpleITK, the reference) or 'octn4' (octn4's engine)
+    engine : 'sitk' (SimpleITK, the reference and default) or 'octn4' (octn4's engine)
+    device : 'cpu' or 'cuda' (octn4 engine on CuPy; only the fit runs there)
 
     Returns
     -------
@@ -398,7 +421,7 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
     iz, iy, ix = _shrunk_indices(vol.shape, s)
     sub = np.ix_(iz, iy, ix)
     fit = fit_bias(vol[sub], msk[sub], full_shape=vol.shape, shrink=s, voxel_size=voxel_size,
-                   params=params, threads=threads, engine=engine)
+                   params=params, threads=threads, engine=engine, device=device)
     corrected = np.empty_like(vol)
     bias = np.empty_like(vol)
     for z0 in range(0, vol.shape[0], tile_planes):
@@ -443,14 +466,14 @@ def n4_correct(vol, mask=None, shrink_factor=4, n_iterations=(50, 50, 50, 50), s
     The full-resolution bias is the fitted B-spline evaluated on the full
     grid (not the shrunk field resampled).
     """
-    corrected, bias, _ = correct(vol, mask, voxel_size=voxel_size_mm, threads=threads,
+    corrected, bias, _ = correct(vol, mask, voxel_size=voxel_size_mm, threads=threads, engine="sitk",
                                  params=_reference_params(shrink_factor, n_iterations, spline_distance_mm))
     return corrected, bias
 
 
 def _section_job(args):
     vol, mask, params, voxel_size, threads = args
-    corrected, bias, _ = correct(vol, mask, voxel_size=voxel_size, params=params, threads=threads)
+    corrected, bias, _ = correct(vol, mask, voxel_size=voxel_size, params=params, threads=threads, engine="sitk")
     return corrected, bias
 
 

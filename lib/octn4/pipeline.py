@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._backend import DEVICES, cuda_namespace
+from ._backend import DEVICES
 from .bspline import BSplineField, shrink_grid
 from .errors import InputError
 from .gains import GainParams, boundary_steps_from_data, solve_gains
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
 from .mask import MaskParams, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
-from .n4 import ENGINES, FitResult, N4Params, fit_bias, fit_bias_batch, shrink_factors
+from .n4 import ENGINES, FitResult, N4Params, fit_bias, fit_bias_batch, resolve_device, shrink_factors
 from .progress import progress
 from .sections import section_bounds
 
@@ -87,8 +87,8 @@ class RunConfig:
     overwrite: bool = False
     check_log_scale: bool = True
     tile_mib: int = 1024
-    engine: str = "octn4"
-    device: str = "cpu"
+    engine: str = "sitk"
+    device: str = "cpu"              # 'cpu', 'cuda' or 'auto'; resolved to 'cpu' or 'cuda' on creation
     batch_sections: int = 0          # sections per batched fit (octn4 engine); 0 = auto
 
     def __post_init__(self):
@@ -96,10 +96,8 @@ class RunConfig:
             raise InputError(f"engine must be one of {ENGINES}; got {self.engine!r}")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {DEVICES}; got {self.device!r}")
-        if self.device == "cuda":
-            if self.engine != "octn4":
-                raise InputError("the SimpleITK engine runs on the CPU only; --device cuda needs --engine octn4")
-            cuda_namespace()         # fail now, naming what is missing, rather than after the mask stage
+        # fail now, naming what is missing, rather than after the mask stage
+        object.__setattr__(self, "device", resolve_device(self.device, self.engine))
         if self.batch_sections < 0:
             raise InputError(f"batch_sections must be >= 0 (0 = auto); got {self.batch_sections}")
         if self.batch_sections > 1 and self.engine != "octn4":
@@ -259,7 +257,7 @@ def _section_record(bounds, index: int, fit: FitResult) -> dict:
 
 
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
-                threads: int = 1, engine: str = "octn4", device: str = "cpu") -> dict:
+                threads: int = 1, engine: str = "sitk", device: str = "cpu") -> dict:
     """N4 on one section; reads only that section's Z slab of input and mask.
 
     Returns a JSON-ready record: index, Z range, fit summary and the field
@@ -298,7 +296,7 @@ def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, 
 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
-                  threads=1, engine="octn4", device="cpu", attrs=None, overwrite=False) -> dict:
+                  threads=1, engine="sitk", device="cpu", attrs=None, overwrite=False) -> dict:
     """:func:`fit_section`, written to ``out_json``."""
     out_json = Path(out_json)
     if out_json.exists() and not overwrite:
@@ -385,7 +383,7 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
 
 
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
-               engine: str = "octn4", device: str = "cpu") -> FitResult:
+               engine: str = "sitk", device: str = "cpu") -> FitResult:
     """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
     fields = _section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)

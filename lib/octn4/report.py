@@ -53,12 +53,12 @@ def _cut(vol, axis: int, index: int, max_px: int) -> tuple[np.ndarray, tuple[flo
     return vol.read_planes(zs, sy, slice(index, index + 1))[:, :, 0], (vz * kz, vy * ky)   # YZ
 
 
-def _centre(results, metrics, max_px: int) -> tuple[int, int, int]:
+def _centre(mask_path, metrics, max_px: int) -> tuple[int, int, int]:
     """Middle plane of the middle section, and the tissue's centre in that plane (from a strided read)."""
     secs = metrics["sections"]
     mid = secs[len(secs) // 2]
     z = (mid["z_start"] + mid["z_stop"]) // 2
-    m = open_volume(_output(results, "mask"))
+    m = open_volume(mask_path)
     ky, kx = (max(1, math.ceil(n / max_px)) for n in m.shape[1:])
     plane = m.read(z, z + 1, slice(0, None, ky), slice(0, None, kx))[0] > 0
     if plane.any():
@@ -67,11 +67,19 @@ def _centre(results, metrics, max_px: int) -> tuple[int, int, int]:
     return z, m.shape[1] // 2, m.shape[2] // 2
 
 
-def orthogonal_views(results, metrics, *, max_px: int = 512) -> dict:
-    """XY, XZ and YZ cuts of input, corrected, bias and mask, with the cut positions."""
+def orthogonal_views(results, metrics, *, max_px: int = 512, mask=None) -> dict:
+    """XY, XZ and YZ cuts of input, corrected, bias and mask, with the cut positions.
+
+    ``mask`` is the run's tissue mask; by default the one in ``results``.
+    """
     results = Path(results)
-    z, y, x = _centre(results, metrics, max_px)
-    vols = {n: open_volume(_output(results, n)) for n in ("corrected", "bias", "mask")}
+    mask_path = Path(mask) if mask is not None else _output(results, "mask")
+    z, y, x = _centre(mask_path, metrics, max_px)
+    vols = {n: open_volume(_output(results, n)) for n in ("corrected", "bias")}
+    vols["mask"] = open_volume(mask_path)
+    if vols["mask"].shape != vols["corrected"].shape:
+        raise InputError(f"mask shape {vols['mask'].shape} does not match the results' {vols['corrected'].shape}",
+                         mask_path)
     views = {}
     for name, axis, index in zip(VIEW_NAMES, (0, 1, 2), (z, y, x)):
         cut = {n: _cut(v, axis, index, max_px) for n, v in vols.items()}
@@ -259,8 +267,12 @@ def _mqc_table(name: str, summary: dict, n_sections: int) -> str:
             + name + "\t" + "\t".join(fmt(v) for _, v in cols) + "\n")
 
 
-def build_report(results, out=None, *, name: str | None = None, max_px: int = 512, overwrite: bool = True) -> Path:
-    """Write the QC report of the run in ``results`` to ``out`` (default ``results/report``)."""
+def build_report(results, out=None, *, name: str | None = None, max_px: int = 512, overwrite: bool = True,
+                 mask=None) -> Path:
+    """Write the QC report of the run in ``results`` to ``out`` (default ``results/report``).
+
+    ``mask``: the run's tissue mask when it is not in ``results`` (the workflow keeps it apart).
+    """
     from .pipeline import atomic_dir, write_json
 
     results = Path(results)
@@ -273,7 +285,7 @@ def build_report(results, out=None, *, name: str | None = None, max_px: int = 51
     name = name or results.name
     vs = tuple(metrics["voxel_size_mm"])
     sections = [(s["z_start"], s["z_stop"]) for s in metrics["sections"]]
-    data = orthogonal_views(results, metrics, max_px=max_px)
+    data = orthogonal_views(results, metrics, max_px=max_px, mask=mask)
     views_png, window = _views_figure(data, sections, vs)
     profile_png = _profile_figure(metrics, vs)
     b64 = {k: base64.b64encode(v).decode() for k, v in (("views", views_png), ("profile", profile_png))}

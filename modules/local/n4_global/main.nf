@@ -1,0 +1,39 @@
+/*
+ * N4_GLOBAL: section gains, global N4 over the re-assembled stack, then the corrected volume,
+ * the bias, every fitted field and per-section metrics, written tile by tile.
+ * Fits on a GPU when the task was given one (task.accelerator) and the engine is octn4's, on the CPU
+ * otherwise; the device used is recorded in the outputs.
+ */
+process N4_GLOBAL {
+    tag "${meta.id}"
+    label 'process_gpu'
+    container 'ghcr.io/octn4/octn4-cuda:0.1.0'
+
+    input:
+    tuple val(meta), path(volume), path(mask), path(sections)
+
+    output:
+    tuple val(meta), path("${meta.id}"), emit: results
+    tuple val("${task.process}"), val('octn4'), eval('octn4_global.py --version | sed "s/^octn4 //"'), emit: versions, topic: versions
+
+    when:
+    task.ext.when == null || task.ext.when
+
+    script:
+    def args = task.ext.args ?: ''
+    // a task granted a GPU fits there when the engine can (octn4 + CuPy); without one it runs on the CPU
+    def device = task.accelerator ? 'auto' : 'cpu'
+    def voxel = meta.voxel_size ? "--voxel-size ${meta.voxel_size}" : ''
+    """
+    export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
+    export HOME="\$PWD" MPLCONFIGDIR="\$PWD/.mpl"
+    octn4_global.py ${volume} ${mask} ${sections} ${meta.id} --device ${device} --threads ${task.cpus} ${voxel} ${args}
+    """
+
+    stub:
+    """
+    mkdir -p ${meta.id}/corrected.ome.zarr ${meta.id}/bias.ome.zarr
+    echo '{"stub": true}' > ${meta.id}/fields.json
+    echo '{"stub": true}' > ${meta.id}/metrics.json
+    """
+}

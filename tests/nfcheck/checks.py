@@ -1,0 +1,183 @@
+"""The contract check and the rendered run of the workflow's process blocks."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .project import Project, argparse_problem, bin_parser, commands, with_label_blocks, with_name_blocks
+
+PINNED_IMAGE = re.compile(r"^[\w.\-/]+(:[\w.\-]+)$")
+
+
+def schema_params(root: Path) -> set[str]:
+    schema = json.loads((root / "nextflow_schema.json").read_text())
+    return {k for group in schema.get("$defs", {}).values() for k in group.get("properties", {})}
+
+
+def example_bindings(process: str, meta: dict, accelerator=None) -> dict:
+    """Task variables for rendering ``process`` the way the workflow calls it (file names as staged)."""
+    task = {"cpus": 2, "accelerator": accelerator, "ext": {}, "process": process, "attempt": 1}
+    mid = meta["id"]
+    inputs = {
+        "TISSUE_MASK": {"volume": f"{mid}.ome.zarr"},
+        "N4_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr"},
+        "ASSEMBLE": {"records": " ".join(f"records/{mid}.section_{i}.json" for i in range(meta["n_sections"]))},
+        "N4_GLOBAL": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "sections": f"{mid}.sections.json"},
+        "REPORT": {"results": mid, "mask": f"{mid}.mask.ome.zarr"},
+    }.get(process, {})
+    return {"meta": meta, "task": task, **inputs}
+
+
+EXAMPLE_METAS = [
+    {"id": "brain01", "sections": 3, "planes": None, "n_sections": 3, "voxel_size": None},
+    {"id": "brain02", "sections": None, "planes": "10,12,9", "n_sections": 3, "voxel_size": "0.02,0.01,0.01"},
+]
+
+
+def contract_problems(project: Project) -> list[str]:
+    """Everything the contract requires; an empty list when the workflow keeps it."""
+    procs = project.processes
+    problems = list(project.parse_errors)
+    labels = with_label_blocks(project.config_text("conf/base.config"))
+    for p in procs.values():
+        where = f"{p.file.relative_to(project.root)} {p.name}"
+        if not p.script:
+            problems.append(f"{where}: no script: block")
+        if not p.stub:
+            problems.append(f"{where}: no stub: block")
+        if len(p.labels) != 1:
+            problems.append(f"{where}: needs exactly one resource label, has {p.labels}")
+        for label in p.labels:
+            if label not in labels:
+                problems.append(f"{where}: label '{label}' has no resources in conf/base.config")
+            if label == "process_gpu" and not re.search(r"\baccelerator\s*=", labels.get(label, "")):
+                problems.append(f"{where}: label 'process_gpu' without an accelerator in conf/base.config")
+        if not p.container or not PINNED_IMAGE.match(p.container) or p.container.endswith(":latest"):
+            problems.append(f"{where}: container must be pinned by tag, got {p.container!r}")
+        for name, text in (("directives", p.directives), ("inputs", p.inputs), ("outputs", p.outputs),
+                           ("script", p.script or ""), ("stub", p.stub or "")):
+            if re.search(r"\bparams\.", text):
+                problems.append(f"{where}: reads params in its {name} (options go through task.ext.args)")
+        if p.script and "task.ext.args" not in p.script:
+            problems.append(f"{where}: script does not pass task.ext.args")
+    for cfg in project.config_files:
+        for selector in with_name_blocks(cfg.read_text()):
+            if selector not in procs:
+                problems.append(f"{cfg.relative_to(project.root)}: withName '{selector}' names no process")
+    in_config, in_schema = set(project.params()), schema_params(project.root)
+    for name in sorted(in_config - in_schema):
+        problems.append(f"nextflow.config: parameter '{name}' is not in nextflow_schema.json")
+    for name in sorted(in_schema - in_config):
+        problems.append(f"nextflow_schema.json: parameter '{name}' is not in nextflow.config")
+    problems += command_problems(project)
+    return problems
+
+
+def command_problems(project: Project) -> list[str]:
+    """Render every script and stub (both example brains; GPU and CPU for process_gpu) and parse each
+    bin/ command with that script's own argparse, ext.args included."""
+    params = dict(project.params(), input="brain01.ome.zarr", outdir="results")
+    jobs = []
+    for p in project.processes.values():
+        accels = [None, {"request": 1}] if "process_gpu" in p.labels else [None]
+        for block in ("script", "stub"):
+            if getattr(p, block):
+                jobs += [{"process": p.name, "block": block, "bindings": example_bindings(p.name, m, a)}
+                         for m in EXAMPLE_METAS for a in accels]
+    problems = []
+    for job, out in zip(jobs, project.render(jobs, params)):
+        if "error" in out:
+            problems.append(f"{job['process']}.{job['block']} cannot be rendered: {out['error']}")
+            continue
+        bin_calls = [argv for argv in commands(out["command"]) if (project.root / "bin" / argv[0]).is_file()]
+        if job["block"] == "script" and len(bin_calls) != 1:
+            problems.append(f"{job['process']}.script calls {len(bin_calls)} bin/ scripts; expected one")
+        for argv in bin_calls:
+            msg = argparse_problem(bin_parser(project.root, argv[0]), argv[1:])
+            if msg:
+                problems.append(f"{job['process']}.{job['block']} (meta {job['bindings']['meta']['id']}): "
+                                f"`{argv[0]}` rejects its arguments: {msg}")
+    return problems
+
+
+class TaskFailed(RuntimeError):
+    pass
+
+
+def _task(process: str, meta: dict, staged: dict[str, Path], extra: dict, accelerator=None) -> dict:
+    bindings = {"meta": meta, "task": {"cpus": 1, "accelerator": accelerator, "ext": {}, "process": process,
+                                      "attempt": 1}, **extra}
+    return {"process": process, "bindings": bindings, "staged": staged}
+
+
+def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None) -> list[dict]:
+    """The workflow's tasks for one brain, in workflow order, each reading the outputs of earlier tasks.
+
+    Sections come in ``section_order`` (arrival order must not matter); their records reach ASSEMBLE
+    ordered by index, as the workflow's gather sorts them.  Task folders are ``work/NN_PROCESS``.
+    """
+    mid, vol = meta["id"], volume.name
+    tasks = []
+
+    def folder(i, t):
+        index = t["bindings"].get("index")
+        return work / f"{i:02d}_{t['process']}{'' if index is None else f'_{index}'}"
+
+    tasks.append(_task("TISSUE_MASK", meta, {vol: volume}, {"volume": vol}))
+    mask = folder(0, tasks[0]) / f"{mid}.mask.ome.zarr"
+    records = {}
+    for i in section_order or range(meta["n_sections"]):
+        tasks.append(_task("N4_SECTION", meta, {vol: volume, mask.name: mask},
+                           {"index": i, "volume": vol, "mask": mask.name}))
+        records[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.section_{i}.json"
+    ordered = [records[i] for i in sorted(records)]
+    tasks.append(_task("ASSEMBLE", meta, {f"records/{p.name}": p for p in ordered},
+                       {"records": " ".join(f"records/{p.name}" for p in ordered)}))
+    sections = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.sections.json"
+    tasks.append(_task("N4_GLOBAL", meta, {vol: volume, mask.name: mask, sections.name: sections},
+                       {"volume": vol, "mask": mask.name, "sections": sections.name}))
+    results = folder(len(tasks) - 1, tasks[-1]) / mid
+    tasks.append(_task("REPORT", meta, {mid: results, mask.name: mask}, {"results": mid, "mask": mask.name}))
+    for i, t in enumerate(tasks):
+        t["dir"] = folder(i, t)
+    return tasks
+
+
+def run_workflow(project: Project, work: Path, volume: Path, meta: dict, params: dict, *, block="script",
+                 section_order=None) -> dict[str, Path]:
+    """Render every task's ``block`` (one JVM), then run the tasks in order with bash: inputs staged by
+    symlink into a fresh folder, bin/ on PATH; each must exit 0 and create its declared outputs.
+
+    Returns the final outputs: mask, sections record, results folder, report folder.
+    """
+    tasks = plan_workflow(work, volume, meta, section_order=section_order)
+    rendered = project.render([{"process": t["process"], "block": block, "bindings": t["bindings"]} for t in tasks],
+                              params)
+    env = dict(os.environ, PATH=f"{project.root / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
+                                f"{os.environ['PATH']}")
+    for t, out in zip(tasks, rendered):
+        if "error" in out:
+            raise TaskFailed(f"{t['process']} ({block}) cannot be rendered: {out['error']}")
+        d = t["dir"]
+        d.mkdir(parents=True)
+        for name, src in t["staged"].items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).symlink_to(Path(src).resolve())
+        (d / ".command.sh").write_text(out["command"])
+        r = subprocess.run(["bash", "-euo", "pipefail", ".command.sh"], cwd=d, env=env, capture_output=True,
+                           text=True)
+        (d / ".command.log").write_text(r.stdout + r.stderr)
+        if r.returncode:
+            raise TaskFailed(f"{t['process']} ({block}) exited {r.returncode}: {r.stderr.strip()[-1500:]}")
+        missing = [pattern for pattern in out["outputs"] if not glob.glob(str(d / pattern))]
+        if missing:
+            raise TaskFailed(f"{t['process']} ({block}) did not create its declared outputs {missing}")
+    mid = meta["id"]
+    return {"mask": tasks[0]["dir"] / f"{mid}.mask.ome.zarr", "sections": tasks[-3]["dir"] / f"{mid}.sections.json",
+            "results": tasks[-2]["dir"] / mid, "report": tasks[-1]["dir"] / f"{mid}_report"}

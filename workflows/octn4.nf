@@ -1,0 +1,43 @@
+/*
+ * OCTN4: tissue mask -> N4 per section (one task per section) -> assemble -> global N4 -> QC report,
+ * for any number of brains at once.
+ */
+include { TISSUE_MASK } from '../modules/local/tissue_mask'
+include { N4_SECTION  } from '../modules/local/n4_section'
+include { ASSEMBLE    } from '../modules/local/assemble'
+include { N4_GLOBAL   } from '../modules/local/n4_global'
+include { REPORT      } from '../modules/local/report'
+
+workflow OCTN4 {
+    take:
+    ch_brains   // channel: [ meta, volume ]; meta: id, n_sections, sections or planes, voxel_size
+
+    main:
+    TISSUE_MASK(ch_brains)
+    ch_volume_mask = ch_brains.join(TISSUE_MASK.out.mask, failOnMismatch: true, failOnDuplicate: true)
+
+    // fan out: one task per section, the index travels in the tuple
+    ch_sections = ch_volume_mask.flatMap { meta, volume, mask ->
+        (0..<meta.n_sections).collect { index -> [meta, index, volume, mask] }
+    }
+    N4_SECTION(ch_sections)
+
+    // gather per brain: released as soon as its n sections are done, ordered by index, never by arrival
+    ch_records = N4_SECTION.out.record
+        .map { meta, index, record -> [groupKey(meta, meta.n_sections), index, record] }
+        .groupTuple()
+        .map { key, indices, records ->
+            def ordered = [indices, records].transpose().sort { pair -> pair[0] }
+            [key.getGroupTarget(), ordered.collect { pair -> pair[1] }]
+        }
+    ASSEMBLE(ch_records)
+
+    ch_global = ch_volume_mask.join(ASSEMBLE.out.sections, failOnMismatch: true, failOnDuplicate: true)
+    N4_GLOBAL(ch_global)
+    REPORT(N4_GLOBAL.out.results.join(TISSUE_MASK.out.mask, failOnMismatch: true, failOnDuplicate: true))
+
+    emit:
+    results = N4_GLOBAL.out.results
+    report  = REPORT.out.report
+    mask    = TISSUE_MASK.out.mask
+}
