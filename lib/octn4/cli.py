@@ -200,7 +200,7 @@ def _cmd_synth(a) -> None:
     from .synth import SynthParams, synth_stack
 
     params = SynthParams(shape=a.shape, n_sections=a.sections, seed=a.seed,
-                         voxel_size=a.voxel_size or SynthParams().voxel_size)
+                         voxel_size=a.voxel_size or SynthParams().voxel_size, anatomy=a.anatomy)
     out = synth_stack(a.out, params, overwrite=a.overwrite)
     print(f"octn4: wrote {out}/volume.ome.zarr (shape {tuple(a.shape)}, {a.sections} sections) "
           "with truth_bias, clean and labels beside it")
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", type=_shape, default=(96, 192, 192), metavar="Z,Y,X")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--voxel-size", type=_floats(3), default=None, metavar="Z,Y,X", help="mm (default 0.05)")
+    s.add_argument("--anatomy", choices=("phantom", "mni152"), default="phantom",
+                   help="generated tissue, or a block of the MNI152 brain (fetched once from the nilearn wheel)")
     add_common_args(s)
     s.set_defaults(fn=_cmd_synth)
     return p

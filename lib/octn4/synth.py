@@ -1,8 +1,20 @@
 """Deterministic serial-OCT-like stacks with a known multiplicative bias.
 
-The phantom is a brain-like block in agarose: a white-matter core inside a
-grey-matter rim of varying thickness, a few agarose-filled clefts, the
-footprint drifting with depth (oblique cut).  The observed volume is
+Two anatomies (``SynthParams.anatomy``):
+
+``phantom``
+    a generated brain-like block in agarose: a white-matter core inside a
+    grey-matter rim of varying thickness, a few agarose-filled clefts, the
+    footprint drifting with depth (oblique cut);
+``mni152``
+    a block of a real brain: the grey- and white-matter probability maps of
+    the MNI152 (ICBM 2009a) template (:mod:`octn4.anatomy`), cut into
+    coronal sections (stack Z = anterior-posterior), resampled so that one
+    stack voxel is 0.5 mm of brain, set in agarose.  The tissue intensity is
+    the class intensities weighted by the probabilities (partial volumes);
+    the seed also moves the block along the anterior-posterior axis.
+
+The observed volume is
 
     volume = clean * speckle * bias
 
@@ -30,7 +42,9 @@ from .errors import InputError
 from .io import OmeZarrWriter, replace_path
 from .sections import section_bounds
 
-__all__ = ["SynthParams", "synth_stack", "phantom_slab"]
+__all__ = ["SynthParams", "synth_stack", "phantom_slab", "ANATOMIES"]
+
+ANATOMIES = ("phantom", "mni152")
 
 #: Tissue intensities (linear OCT units): agarose, grey, white.  The
 #: white/grey ratio is 2.12.
@@ -48,6 +62,7 @@ class SynthParams:
     shading: tuple[float, float] = (0.15, 0.35)            # range of lateral vignetting depth (log)
     gain_sigma: float = 0.2               # log-gain step per section
     drift: float = 0.25                   # amplitude of the slow drift (log)
+    anatomy: str = "phantom"              # or 'mni152'
 
 
 class _Design:
@@ -70,15 +85,69 @@ class _Design:
         self.clefts = rng.uniform(-np.pi, np.pi, 3)
         self.oblique = rng.uniform(-0.15, 0.15, 2)
         self.section_of = np.repeat(np.arange(n), [b - a for a, b in self.bounds])
+        self.mni = _mni152_block(p) if p.anatomy == "mni152" else None
+
+
+def _mni152_block(p: SynthParams):
+    """(grey, white) probabilities of a coronal block of the MNI152 brain, resampled to ``p.shape``.
+
+    Stack axes: Z = anterior-posterior (MNI y), Y = superior-inferior (MNI z,
+    flipped so the top of the brain is at Y = 0), X = left-right (MNI x).
+    One stack voxel is 0.5 mm of template; the block spans the right
+    hemisphere's upper half and the midline, with agarose around it.
+    """
+    from scipy.ndimage import zoom
+
+    from .anatomy import mni152_maps
+
+    gm, wm = mni152_maps()
+    mm = [n * 0.5 for n in p.shape]                       # block size in template mm (1 mm voxels)
+    y0 = int(60 + (p.seed * 17) % 60)                      # anterior-posterior start, moved by the seed
+    z1 = 160                                               # just above the brain's top (template z 154)
+    x0 = 98                                                # from the midline to beyond the right surface
+    box = (slice(x0, x0 + int(round(mm[2]))), slice(y0, y0 + int(round(mm[0]))),
+           slice(z1 - int(round(mm[1])), z1))
+    out = []
+    for prob in (gm, wm):
+        block = np.transpose(prob[box], (1, 2, 0))[:, ::-1, :]   # (AP, IS top-down, LR)
+        factors = [n / s for n, s in zip(p.shape, block.shape)]
+        out.append(np.clip(zoom(block, factors, order=1, grid_mode=True, mode="nearest"), 0, 1)
+                   .astype(np.float32))
+    return out
+
+def _mni152_slab(design: _Design, z0: int, z1: int):
+    gm, wm = (a[z0:z1] for a in design.mni)
+    tissue = gm + wm
+    labels = np.where(tissue < 0.5, 0, np.where(wm > gm, 2, 1)).astype(np.uint8)
+    clean = (INTENSITY[0] * np.clip(1 - tissue, 0, 1) + INTENSITY[1] * gm + INTENSITY[2] * wm).astype(np.float32)
+    return labels, clean
 
 
 def phantom_slab(design: _Design, z0: int, z1: int):
     """Labels, log bias of planes ``z0:z1`` (no noise): ``(labels uint8, log_bias float32)``."""
+    labels, _, log_bias = _slab(design, z0, z1)
+    return labels, log_bias
+
+
+def _slab(design: _Design, z0: int, z1: int):
+    """Labels, clean intensities and log bias of planes ``z0:z1``."""
     p = design.p
     Z, Y, X = p.shape
     z = np.arange(z0, z1, dtype=np.float64)[:, None, None]
     y = np.linspace(-1, 1, Y)[None, :, None]
     x = np.linspace(-1, 1, X)[None, None, :]
+    log_bias = _log_bias(design, z, y, x)
+    if design.mni is not None:
+        labels, clean = _mni152_slab(design, z0, z1)
+    else:
+        labels = _phantom_labels(design, z, y, x, z1 - z0)
+        clean = INTENSITY[labels]
+    return labels, clean, np.broadcast_to(log_bias, labels.shape).astype(np.float32)
+
+
+def _phantom_labels(design: _Design, z, y, x, nz: int):
+    p = design.p
+    Z, Y, X = p.shape
     zn = (z + 0.5) / Z * 2 - 1                    # -1..1 through the stack
     cy, cx = design.oblique[0] * zn, design.oblique[1] * zn
     dy, dx = y - cy, x - cx
@@ -90,14 +159,21 @@ def phantom_slab(design: _Design, z0: int, z1: int):
     rim = 0.28
     for k, (a, b) in enumerate(design.rim_harm, start=3):
         rim = rim + 0.05 * (a * np.cos(k * theta + 2 * zn) + b * np.sin(k * theta))
-    labels = np.zeros((z1 - z0, Y, X), np.uint8)
+    labels = np.zeros((nz, Y, X), np.uint8)
     tissue = r < outline
     labels[tissue] = 1
     labels[tissue & (r < outline * (1 - np.clip(rim, 0.12, 0.5)))] = 2
     for c in design.clefts:   # agarose-filled sulci entering from the surface
         ang = np.abs(np.angle(np.exp(1j * (theta - c))))
         labels[(ang < 0.05 * (1 + 0.3 * zn)) & (r > outline * 0.6) & tissue] = 0
+    return labels
 
+
+def _log_bias(design: _Design, z, y, x):
+    """The bias family (the same for every anatomy): depth attenuation, shading, tilt, gain, drift."""
+    p = design.p
+    Z = p.shape[0]
+    z0, z1 = int(z[0, 0, 0]), int(z[-1, 0, 0]) + 1
     sec = design.section_of[z0:z1]
     top = np.array([design.bounds[s][0] for s in sec], np.float64)[:, None, None]
     depth_mm = (z - top + 0.5) * p.voxel_size[0]
@@ -107,8 +183,7 @@ def phantom_slab(design: _Design, z0: int, z1: int):
     tilt = design.tilt[sec]
     lateral = tilt[:, 0, None, None] * y + tilt[:, 1, None, None] * x
     drift = p.drift * np.sin(np.pi * (z + 0.5) / Z + design.drift_phase)
-    log_bias = -mu * depth_mm - shade + lateral + design.gain[sec][:, None, None] + drift
-    return labels, np.broadcast_to(log_bias, labels.shape).astype(np.float32)
+    return -mu * depth_mm - shade + lateral + design.gain[sec][:, None, None] + drift
 
 
 def synth_stack(out, params: SynthParams = SynthParams(), *, overwrite: bool = False, slab: int = 8) -> Path:
@@ -118,6 +193,8 @@ def synth_stack(out, params: SynthParams = SynthParams(), *, overwrite: bool = F
         raise InputError("output already exists; pass --overwrite to replace it", out)
     if len(params.shape) != 3 or min(params.shape) < 2:
         raise InputError(f"shape must be three sizes >= 2 (Z, Y, X); got {params.shape}")
+    if params.anatomy not in ANATOMIES:
+        raise InputError(f"anatomy must be one of {ANATOMIES}; got {params.anatomy!r}")
     design = _Design(params)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
@@ -133,11 +210,10 @@ def synth_stack(out, params: SynthParams = SynthParams(), *, overwrite: bool = F
                    for name in ("volume", "truth_bias", "clean", "labels")}
         for z0 in range(0, params.shape[0], slab):
             z1 = min(params.shape[0], z0 + slab)
-            labels, log_bias = phantom_slab(design, z0, z1)
+            labels, clean, log_bias = _slab(design, z0, z1)
             speckle = np.stack([np.random.default_rng([params.seed, 1, z]).gamma(
                 params.speckle_looks, 1 / params.speckle_looks, labels.shape[1:]) for z in range(z0, z1)])
             speckle = speckle.astype(np.float32)
-            clean = INTENSITY[labels]
             bias = np.exp(log_bias)
             writers["volume"].write(z0, clean * speckle * bias)
             writers["truth_bias"].write(z0, bias)
