@@ -33,7 +33,7 @@ def test_outputs_and_provenance(result, demo_stack):
         vol = open_volume(result / f"{name}.ome.zarr")
         assert vol.shape == (96, 192, 192) and vol.voxel_size == (0.05, 0.05, 0.05)
         attrs = read_attrs(result / f"{name}.ome.zarr")
-        assert attrs["engine"] == "sitk" and attrs["device"] == "cpu"
+        assert attrs["engine"] == "octn4" and attrs["device"] == "cpu"
         assert attrs["input"] == str((demo_stack / "volume.ome.zarr").resolve())
         assert attrs["parameters"]["section_n4"]["maximum_number_of_iterations"] == [50, 50, 50, 50]
         assert attrs["versions"]["SimpleITK"] and attrs["octn4_version"]

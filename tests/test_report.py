@@ -34,7 +34,7 @@ def test_run_writes_the_report(run_dir):
                                                "octn4_mqc.tsv"}
     page = (rep / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2 and "<script" not in page
-    assert "brain01" in page and "sitk / cpu" in page
+    assert "brain01" in page and "octn4 / cpu" in page
     mqc = (rep / "octn4_mqc.tsv").read_text().splitlines()
     assert mqc[0] == "# id: 'octn4'" and mqc[4].startswith("Sample\tsections\t") and mqc[5].startswith("brain01\t3\t")
 

@@ -116,13 +116,17 @@ def n4_params(a, prefix: str = "") -> N4Params:
                     convergence_threshold=getattr(a, f"{k}convergence"),
                     spline_distance_mm=getattr(a, f"{k}spline_distance"),
                     number_of_control_points=getattr(a, f"{k}control_points"),
-                    shrink_factor=getattr(a, f"{k}shrink"), fit_voxels=getattr(a, f"{k}fit_voxels"))
+                    shrink_factor=getattr(a, f"{k}shrink"), fit_voxels=getattr(a, f"{k}fit_voxels"),
+                    parity=getattr(a, "itk_parity", False))
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=ENGINES, default="sitk",
-                   help="N4 engine: SimpleITK (default, the reference, CPU) or octn4's own (NumPy or CuPy)")
+    g.add_argument("--engine", choices=ENGINES, default="octn4",
+                   help="N4 engine: octn4's own (default; NumPy or CuPy) or SimpleITK (the reference, CPU)")
+    g.add_argument("--itk-parity", action="store_true",
+                   help="octn4 engine: reproduce SimpleITK's quirks (Q1 minimum scan, top-bin rounding) "
+                        "instead of fixing them")
     g.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the octn4 engine fits: cpu (NumPy), cuda (CuPy; an error if no GPU is usable) or "
                         "auto (cuda when the octn4 engine has a usable GPU, else cpu)")

@@ -87,6 +87,10 @@ class N4Params:
         Full-resolution geometry of the fitted spline (see
         :mod:`octn4.bspline`); 'stretched' reproduces SimpleITK's
         ``GetLogBiasFieldAsImage(full)``.
+    parity : bool
+        octn4 engine only: reproduce two SimpleITK quirks that the default
+        fixes, quirk Q1 of the histogram's minimum scan and the top-bin
+        rounding rule (see :mod:`octn4.engine`).
     """
 
     maximum_number_of_iterations: tuple[int, ...] = (50, 50, 50, 50)
@@ -100,6 +104,7 @@ class N4Params:
     shrink_factor: int | tuple[int, int, int] | None = 4
     fit_voxels: int = 1_500_000
     evaluation: str = "centred"
+    parity: bool = False
 
     def __post_init__(self):
         its = tuple(int(i) for i in self.maximum_number_of_iterations)
@@ -286,8 +291,8 @@ def resolve_device(device: str, engine: str) -> str:
 
 
 def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params, threads: int = 1,
-             engine: str = "sitk", device: str = "cpu") -> FitResult:
-    """Fit N4 on a shrunk image with the chosen engine ('sitk' or 'octn4') and device; same result type."""
+             engine: str = "octn4", device: str = "cpu") -> FitResult:
+    """Fit N4 on a shrunk image with the chosen engine ('octn4' or 'sitk') and device; same result type."""
     device = resolve_device(device, engine)
     if engine == "sitk":
         return fit_bias_sitk(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
@@ -341,7 +346,8 @@ def fit_bias_batch(shrunk, shrunk_masks, *, full_shape, shrink, voxel_size, para
         fits = fit_lattice_batch(batch_img, batch_mask, m0=m0, levels_iterations=params.maximum_number_of_iterations,
                                  threshold=params.convergence_threshold, order=params.spline_order,
                                  bins=params.number_of_histogram_bins,
-                                 fwhm=params.bias_field_full_width_at_half_maximum, noise=params.wiener_filter_noise)
+                                 fwhm=params.bias_field_full_width_at_half_maximum, noise=params.wiener_filter_noise,
+                                 parity=params.parity)
         seconds = (time.perf_counter() - t0) / len(todo)
         maps = tuple(axis_map(n, m - params.spline_order, shrink=s, mode=params.evaluation)
                      for n, m, s in zip(full_shape, m_final, shrink))
@@ -392,7 +398,7 @@ def _shrunk_indices(shape, shrink):
 
 
 def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params = N4Params(),
-            threads: int = 1, tile_planes: int = 32, engine: str = "sitk", device: str = "cpu"):
+            threads: int = 1, tile_planes: int = 32, engine: str = "octn4", device: str = "cpu"):
     """N4-correct a volume held in memory.
 
     Parameters
@@ -402,7 +408,7 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
         Voxels to fit; all voxels when omitted.
     voxel_size : (z, y, x) floats, mm
     params : N4Params
-    engine : 'sitk' (SimpleITK, the reference and default) or 'octn4' (octn4's engine)
+    engine : 'octn4' (octn4's engine, the default) or 'sitk' (SimpleITK, the reference)
     device : 'cpu' or 'cuda' (octn4 engine on CuPy; only the fit runs there)
 
     Returns

@@ -87,7 +87,7 @@ class RunConfig:
     overwrite: bool = False
     check_log_scale: bool = True
     tile_mib: int = 1024
-    engine: str = "sitk"
+    engine: str = "octn4"
     device: str = "cpu"              # 'cpu', 'cuda' or 'auto'; resolved to 'cpu' or 'cuda' on creation
     batch_sections: int = 0          # sections per batched fit (octn4 engine); 0 = auto
 
@@ -257,7 +257,7 @@ def _section_record(bounds, index: int, fit: FitResult) -> dict:
 
 
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
-                threads: int = 1, engine: str = "sitk", device: str = "cpu") -> dict:
+                threads: int = 1, engine: str = "octn4", device: str = "cpu") -> dict:
     """N4 on one section; reads only that section's Z slab of input and mask.
 
     Returns a JSON-ready record: index, Z range, fit summary and the field
@@ -296,7 +296,7 @@ def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, 
 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
-                  threads=1, engine="sitk", device="cpu", attrs=None, overwrite=False) -> dict:
+                  threads=1, engine="octn4", device="cpu", attrs=None, overwrite=False) -> dict:
     """:func:`fit_section`, written to ``out_json``."""
     out_json = Path(out_json)
     if out_json.exists() and not overwrite:
@@ -383,7 +383,7 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
 
 
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
-               engine: str = "sitk", device: str = "cpu") -> FitResult:
+               engine: str = "octn4", device: str = "cpu") -> FitResult:
     """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
     fields = _section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)
