@@ -202,9 +202,13 @@ def fit_lattice(image, mask, **kw) -> EngineFit:
 class _Working:
     """The members still iterating in a level, packed: dense fields (A, Z, Y, X), compact voxel data."""
 
-    def __init__(self, xp, members, phi, f, per_member, n_vox):
+    def __init__(self, xp, members, phi, f, per_member, n_vox, omega_all):
         self.members = list(members)
         self.phi, self.f = phi, f
+        omega = omega_all if len(self.members) == omega_all.shape[0] else \
+            xp.take(omega_all, from_numpy(np.array(self.members), like=phi), axis=0)
+        self.solvable = omega > OMEGA_ZERO                  # ITK: no update where Omega almost equals 0
+        self.omega = xp.where(self.solvable, omega, xp.ones_like(omega))
         idx, seg, logv, segments, start = [], [], [], [], 0
         for p, j in enumerate(self.members):
             local, lv = per_member[j]
@@ -274,13 +278,8 @@ def fit_lattice_batch(images, masks, *, m0, levels_iterations, threshold=1e-3, o
         omega_all = _contract(w, [xp.permute_dims(bb ** 2, (1, 0)) for bb in b], xp, first=1)
         b3t = [xp.permute_dims(bb ** 3, (1, 0)) for bb in b]
         done_phi, done_f = {}, {}
-        work = _Working(xp, range(nb), phi, f, per_member, n_vox)
+        work = _Working(xp, range(nb), phi, f, per_member, n_vox, omega_all)
         while work.members:
-            if len(work.members) == nb:
-                omega = omega_all
-            else:
-                omega = xp.take(omega_all, from_numpy(np.array(work.members), like=work.idx), axis=0)
-            solvable = omega > OMEGA_ZERO
             na = len(work.members)
             f_in = xp.take(xp.reshape(work.f, (-1,)), work.idx)
             resid = work.logv - f_in
@@ -288,8 +287,7 @@ def fit_lattice_batch(images, masks, *, m0, levels_iterations, threshold=1e-3, o
                                  noise=noise, parity=parity)
             r = xp.reshape(scatter(na * n_vox, work.idx, resid - xp.astype(s, xp.float64)), (na, *n))
             delta = _contract(r / wsum, b3t, xp, first=1)
-            work.phi = work.phi + xp.where(solvable, delta / xp.where(solvable, omega, xp.ones_like(omega)),
-                                           xp.zeros_like(omega))
+            work.phi = work.phi + xp.where(work.solvable, delta / work.omega, xp.zeros_like(delta))
             work.f = _contract(work.phi, b, xp, first=1)
             e = xp.exp(f_in - xp.take(xp.reshape(work.f, (-1,)), work.idx))
             mu = bincount(work.seg, weights=e, minlength=na) / work.count
@@ -307,7 +305,7 @@ def fit_lattice_batch(images, masks, *, m0, levels_iterations, threshold=1e-3, o
                 if keep:
                     sel = from_numpy(np.array(keep), like=work.idx)
                     work = _Working(xp, [work.members[p] for p in keep], xp.take(work.phi, sel, axis=0),
-                                    xp.take(work.f, sel, axis=0), per_member, n_vox)
+                                    xp.take(work.f, sel, axis=0), per_member, n_vox, omega_all)
                 else:
                     work.members = []
         phi = xp.stack([done_phi[j] for j in range(nb)])

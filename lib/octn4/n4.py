@@ -40,7 +40,6 @@ __all__ = [
     "shrink_factors",
     "fit_bias",
     "fit_bias_sitk",
-    "fit_bias_octn4",
     "fit_bias_batch",
     "resolve_device",
     "correct",
@@ -196,6 +195,11 @@ class FitResult:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def _too_little_tissue(n_in: int, m0) -> bool:
+    """Fewer fit voxels than 100 or than level-0 control points: nothing to fit (flagged 'no tissue')."""
+    return n_in < max(100, int(np.prod(m0)))
+
+
 def zero_field(shape, shrink, m, params: N4Params) -> BSplineField:
     """A zero log field with the lattice geometry of a fit (used when there is nothing to fit)."""
     maps = tuple(axis_map(n, mm - params.spline_order, shrink=s, mode=params.evaluation)
@@ -223,7 +227,7 @@ def fit_bias_sitk(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params
     include = np.asarray(shrunk_mask, bool) & (shrunk > 0)
     n_in = int(include.sum())
     result = dict(shrink=tuple(shrink), fit_shape=tuple(shrunk.shape), control_points=m0, fit_voxels=n_in)
-    if n_in < max(100, int(np.prod(m0))):
+    if _too_little_tissue(n_in, m0):
         return FitResult(zero_field(full_shape, shrink, final_control_points(m0, params), params),
                          status="no tissue", converged=False, **result)
     spacing = [v * s for v, s in zip(voxel_size, shrink)][::-1]
@@ -293,17 +297,10 @@ def resolve_device(device: str, engine: str) -> str:
 def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params, threads: int = 1,
              engine: str = "octn4", device: str = "cpu") -> FitResult:
     """Fit N4 on a shrunk image with the chosen engine ('octn4' or 'sitk') and device; same result type."""
-    device = resolve_device(device, engine)
-    if engine == "sitk":
+    if engine != "octn4":
+        resolve_device(device, engine)          # an unknown engine, or a GPU asked of SimpleITK, is an error
         return fit_bias_sitk(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
                              params=params, threads=threads)
-    return fit_bias_batch([shrunk], [shrunk_mask], full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
-                          params=params, device=device)[0]
-
-
-def fit_bias_octn4(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params,
-                   device: str = "cpu") -> FitResult:
-    """Fit N4 with octn4's engine (:mod:`octn4.engine`) on an already shrunk image."""
     return fit_bias_batch([shrunk], [shrunk_mask], full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
                           params=params, device=device)[0]
 
@@ -334,7 +331,7 @@ def fit_bias_batch(shrunk, shrunk_masks, *, full_shape, shrink, voxel_size, para
     todo = []
     for j, (a, inc) in enumerate(zip(images, include)):
         n_in = int(inc.sum())
-        if n_in < max(100, int(np.prod(m0))):
+        if _too_little_tissue(n_in, m0):
             out[j] = FitResult(zero_field(full_shape, shrink, m_final, params), fit_shape=a.shape,
                                fit_voxels=n_in, status="no tissue", converged=False, **common)
         else:

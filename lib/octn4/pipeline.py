@@ -231,12 +231,8 @@ def copy_mask(src: Volume, out_path, *, attrs: dict, slab: int = 16) -> None:
         w.commit()
 
 
-def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Params):
-    """The shrunk fit grid of one section, read from its own Z slab only.
-
-    Returns ``(shape, shrink, image, mask)``: the section's full-resolution
-    shape, the shrink factors, and the sampled image and mask.
-    """
+def _section_sampling(vol: Volume, bounds, index: int, params: N4Params):
+    """Where a section's fit grid samples the volume: ``(shape, shrink, zs, ys, xs)`` (nothing is read)."""
     if not 0 <= index < len(bounds):
         raise InputError(f"section index {index} is out of range (0..{len(bounds) - 1})")
     z0, z1 = bounds[index]
@@ -246,7 +242,16 @@ def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Par
     s = shrink_factors(shape, vol.voxel_size, params)
     (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(shape, s))
     ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
-    zs = z0 + oz + s[0] * np.arange(mz)
+    return shape, s, z0 + oz + s[0] * np.arange(mz), ys, xs
+
+
+def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Params):
+    """The shrunk fit grid of one section, read from its own Z slab only.
+
+    Returns ``(shape, shrink, image, mask)``: the section's full-resolution
+    shape, the shrink factors, and the sampled image and mask.
+    """
+    shape, s, zs, ys, xs = _section_sampling(vol, bounds, index, params)
     return shape, s, vol.read_planes(zs, ys, xs), msk.read_planes(zs, ys, xs) > 0
 
 
@@ -614,8 +619,9 @@ def run(input_path, outdir, config: RunConfig) -> dict:
 
 
 def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig) -> list[dict]:
-    first = section_fit_grid(vol, msk, bounds, 0, config.section_n4)[2]
-    batch = min(config.section_batch(first.size), len(bounds))
+    _, _, zs, ys, xs = _section_sampling(vol, bounds, 0, config.section_n4)
+    fit_voxels = len(zs) * len(range(vol.shape[1])[ys]) * len(range(vol.shape[2])[xs])
+    batch = min(config.section_batch(fit_voxels), len(bounds))
     if batch > 1:
         log.info("N4 per section: batches of up to %d equal-shaped sections on %s", batch, config.device)
         with progress(len(bounds), "N4 per section") as advance:
