@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
     cli.add_engine_args(p)
     cli.add_gain_args(p)
-    cli.add_n4_args(p, "global-", default_shrink="auto", title="global N4")
+    cli.add_n4_args(p, "global-", title="global N4")
     cli.add_common_args(p)
     return p
 

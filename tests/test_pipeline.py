@@ -35,7 +35,10 @@ def test_outputs_and_provenance(result, demo_stack):
         attrs = read_attrs(result / f"{name}.ome.zarr")
         assert attrs["engine"] == "octn4" and attrs["device"] == "cpu"
         assert attrs["input"] == str((demo_stack / "volume.ome.zarr").resolve())
-        assert attrs["parameters"]["section_n4"]["maximum_number_of_iterations"] == [50, 50, 50, 50]
+        section = attrs["parameters"]["section_n4"]
+        assert section["maximum_number_of_iterations"] == [100, 100]
+        assert section["shrink_mode"] == "mean" and section["control_point_rule"] == "fit-grid"
+        assert attrs["parameters"]["mask"]["method"] == "depth"
         assert attrs["versions"]["SimpleITK"] and attrs["octn4_version"]
     assert zarr.open_group(str(result / "mask.ome.zarr"), mode="r")["s0"].dtype == np.uint8
     np.testing.assert_allclose(read(result / "corrected.ome.zarr") * read(result / "bias.ome.zarr"),

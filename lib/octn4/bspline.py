@@ -147,6 +147,21 @@ class BSplineField:
         a = xp.astype(xp.permute_dims(a, (1, 0, 2)), xp.float32)
         return xp.matmul(a, xp.astype(xp.permute_dims(bx, (1, 0)), xp.float32))   # (nz, ny, nx)
 
+    def plus_depth_line(self, slope: float, intercept: float = 0.0) -> BSplineField:
+        """This field plus ``slope * z + intercept`` (``z`` the full-resolution plane index), exactly.
+
+        B-splines reproduce straight lines: with basis ``j`` centred at
+        ``t = j - (p - 1)/2``, coefficients ``c_j = a (j - (p - 1)/2) + b`` give
+        ``a t + b`` on every span.  The line, written in the Z axis's
+        parameter ``t = scale * z + offset``, goes on every (y, x) column of
+        the lattice (each column's Y/X weights sum to one).
+        """
+        zmap = self.maps[0]
+        a = slope / zmap.scale
+        b = intercept - a * zmap.offset
+        c = a * (np.arange(self.coeffs.shape[0]) - (self.order - 1) / 2) + b
+        return BSplineField(self.coeffs + c[:, None, None], self.order, self.shape, self.maps)
+
     def to_dict(self) -> dict:
         return {
             "order": self.order,

@@ -11,13 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, defaults
 from ._backend import DEVICES
 from .errors import InputError
 from .gains import GainParams
-from .mask import MaskParams
-from .n4 import ENGINES, N4Params
+from .mask import MASK_METHODS, MaskParams
+from .n4 import CONTROL_POINT_RULES, ENGINES, N4Params
 from .sections import parse_planes
+from .shrink import SHRINK_MODES
 
 __all__ = ["main", "build_parser", "add_section_args", "add_mask_args", "add_n4_args", "add_engine_args", "guarded"]
 
@@ -78,8 +79,11 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_mask_args(p: argparse.ArgumentParser) -> None:
-    d = MaskParams()
+    d = defaults.MASK
     g = p.add_argument_group("tissue mask")
+    g.add_argument("--mask-method", choices=MASK_METHODS, default=d.method,
+                   help="threshold: 'depth' (default: per-plane log-Otsu on a depth line per section) or "
+                        "'reference' (one Otsu threshold per section)")
     g.add_argument("--mask-sigma", type=float, default=d.smoothing_sigma, help="Y/X smoothing sigma, voxels")
     g.add_argument("--mask-sigma-z", type=float, default=d.smoothing_sigma_z, help="Z smoothing sigma, voxels")
     g.add_argument("--mask-closing-radius", type=int, default=d.closing_radius, help="per-plane closing disk radius")
@@ -89,25 +93,38 @@ def add_mask_args(p: argparse.ArgumentParser) -> None:
 
 def mask_params(a) -> MaskParams:
     return MaskParams(smoothing_sigma=a.mask_sigma, smoothing_sigma_z=a.mask_sigma_z,
-                      closing_radius=a.mask_closing_radius, z_closing_planes=a.mask_z_closing_planes)
+                      closing_radius=a.mask_closing_radius, z_closing_planes=a.mask_z_closing_planes,
+                      method=a.mask_method)
 
 
-def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, default_shrink="4", title="N4") -> None:
-    """N4 options; ``prefix`` ('global-') distinguishes the global pass's options."""
-    d = N4Params()
+def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, title="N4") -> None:
+    """N4 options; ``prefix`` ('global-') distinguishes the global pass's options (and its defaults)."""
+    d = defaults.GLOBAL_N4 if prefix else defaults.SECTION_N4
+    sf = d.shrink_factor
+    shrink = "auto" if sf is None else str(sf[0]) if len(set(sf)) == 1 else ",".join(map(str, sf))
+    its = ",".join(map(str, d.maximum_number_of_iterations))
     g = p.add_argument_group(title)
-    g.add_argument(f"--{prefix}shrink", type=_shrink, default=_shrink(default_shrink), metavar="S",
-                   help=f"shrink factor: one integer, Z,Y,X, or 'auto' (default {default_shrink})")
+    g.add_argument(f"--{prefix}shrink", type=_shrink, default=d.shrink_factor, metavar="S",
+                   help=f"shrink factor: one integer, Z,Y,X, or 'auto' (default {shrink})")
+    g.add_argument(f"--{prefix}shrink-mode", choices=SHRINK_MODES, default=d.shrink_mode,
+                   help=f"what a fit voxel holds: 'mean' of the tissue in its block or the 'subsample'd voxel "
+                        f"(default {d.shrink_mode})")
     g.add_argument(f"--{prefix}fit-voxels", type=int, default=d.fit_voxels,
                    help="fit-grid size aimed at by --shrink auto")
     g.add_argument(f"--{prefix}iterations", type=_ints, default=d.maximum_number_of_iterations, metavar="N,N,...",
-                   help="iterations per fitting level (default 50,50,50,50)")
+                   help=f"iterations per fitting level (default {its})")
     g.add_argument(f"--{prefix}spline-distance", type=float, default=d.spline_distance_mm, metavar="MM",
-                   help="level-0 control-point spacing rule, mm (default 10)")
+                   help=f"level-0 control-point spacing rule, mm (default {d.spline_distance_mm:g})")
     g.add_argument(f"--{prefix}control-points", type=_ints, default=None, metavar="Z,Y,X",
                    help="level-0 control points (overrides --spline-distance)")
+    g.add_argument(f"--{prefix}control-point-rule", choices=CONTROL_POINT_RULES, default=d.control_point_rule,
+                   help=f"'fit-grid': drop levels that would give an axis more control points than fit voxels; "
+                        f"'reference': fit every level (default {d.control_point_rule})")
+    g.add_argument(f"--{prefix}depth-line", action=argparse.BooleanOptionalAction, default=d.depth_line,
+                   help="divide out each fit's depth attenuation (a robust line of log median intensity "
+                        f"against Z) before N4 and add it to the field (default {'on' if d.depth_line else 'off'})")
     g.add_argument(f"--{prefix}convergence", type=float, default=d.convergence_threshold,
-                   help="convergence threshold (default 0.001)")
+                   help=f"convergence threshold (default {d.convergence_threshold:g})")
 
 
 def n4_params(a, prefix: str = "") -> N4Params:
@@ -117,6 +134,9 @@ def n4_params(a, prefix: str = "") -> N4Params:
                     spline_distance_mm=getattr(a, f"{k}spline_distance"),
                     number_of_control_points=getattr(a, f"{k}control_points"),
                     shrink_factor=getattr(a, f"{k}shrink"), fit_voxels=getattr(a, f"{k}fit_voxels"),
+                    shrink_mode=getattr(a, f"{k}shrink_mode"),
+                    control_point_rule=getattr(a, f"{k}control_point_rule"),
+                    depth_line=getattr(a, f"{k}depth_line"),
                     parity=getattr(a, "itk_parity", False))
 
 
@@ -245,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mask_args(r)
     add_n4_args(r, title="N4 per section")
     add_gain_args(r)
-    add_n4_args(r, "global-", default_shrink="auto", title="global N4")
+    add_n4_args(r, "global-", title="global N4")
     add_common_args(r)
     r.set_defaults(fn=_cmd_run)
 

@@ -15,6 +15,22 @@ Recipe (SPEC.md, "Tissue mask"), for a volume split into serial sections:
    element, ``k = z_closing_planes`` **planes** (the system octn4 grew from
    called this a number of sections but applied it as planes).
 
+Step 2-3 has two methods (``MaskParams.method``):
+
+``reference``
+    one Otsu threshold per section on the smoothed intensities, as above.
+``depth`` (octn4's default)
+    the threshold follows the depth attenuation: an Otsu threshold of the
+    **log** smoothed intensities of every plane (planes with fewer than
+    ``min_voxels`` positive voxels give none), then per section a robust
+    straight line through those thresholds against Z (Huber-weighted least
+    squares), which each plane uses.  In log units agarose is far below
+    both grey and white matter, so Otsu splits agarose from tissue rather
+    than grey from white, and attenuation (linear in log with depth) moves
+    the line, not the split.  A section with fewer than 3 planes with a
+    threshold uses their mean; with none, it is all tissue.  The evidence
+    for the method is in ``docs/QUALITY.md``.
+
 Closings treat the outside of the volume as neutral (dilation sees False,
 erosion sees True), so planes and pixels at the volume's faces are not
 eroded away.  :func:`write_tissue_mask` computes the same mask in Z slabs
@@ -33,7 +49,10 @@ import numpy as np
 
 from ._backend import array_namespace, bincount, ndimage_for, to_numpy
 
-__all__ = ["MaskParams", "otsu_threshold", "tissue_mask", "section_thresholds", "write_tissue_mask"]
+__all__ = ["MaskParams", "MASK_METHODS", "otsu_threshold", "tissue_mask", "section_thresholds", "plane_thresholds",
+           "depth_trend", "write_tissue_mask"]
+
+MASK_METHODS = ("reference", "depth")
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,12 @@ class MaskParams:
     smoothing_sigma_z: float = 1.0    # Z Gaussian sigma, voxels
     closing_radius: int = 3           # per-plane disk radius, voxels
     z_closing_planes: int = 2         # k of the (2k+1, 1, 1) Z closing, planes
-    min_voxels: int = 100             # below this many positive voxels a section is all tissue
+    min_voxels: int = 100             # below this many positive voxels a section (or plane) gets no threshold
+    method: str = "reference"         # or 'depth' (see the module's docstring)
 
     def __post_init__(self):
+        if self.method not in MASK_METHODS:
+            raise ValueError(f"mask method must be one of {MASK_METHODS}; got {self.method!r}")
         for name in ("smoothing_sigma", "smoothing_sigma_z"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -181,9 +203,13 @@ def tissue_mask(volume, bounds: Sequence[tuple[int, int]], *, params: MaskParams
     """
     xp = array_namespace(volume)
     sm = _smooth(volume, params)
-    thr = xp.empty(volume.shape[0], dtype=xp.float32)
-    for z0, z1 in bounds:
-        thr[z0:z1] = _threshold(sm[z0:z1], params)
+    if params.method == "depth":
+        log_t = np.array([_log_plane_threshold(sm[z], params) for z in range(sm.shape[0])])
+        thr = xp.asarray(_depth_thresholds(log_t, bounds))
+    else:
+        thr = xp.empty(volume.shape[0], dtype=xp.float32)
+        for z0, z1 in bounds:
+            thr[z0:z1] = _threshold(sm[z0:z1], params)
     mask = _planewise(sm > thr[:, None, None], params)
     if len(bounds) > 1:
         mask = _z_closing(mask, params)
@@ -228,23 +254,89 @@ def section_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams
     return out
 
 
+def _log_plane_threshold(smoothed_plane, params: MaskParams) -> float:
+    """Otsu threshold of the log of a smoothed plane's positive voxels (NaN when too few)."""
+    xp = array_namespace(smoothed_plane)
+    pos = smoothed_plane[smoothed_plane > 0]
+    if pos.shape[0] < params.min_voxels:
+        return math.nan
+    return otsu_threshold(xp.log(xp.astype(pos, xp.float64)))
+
+
+def depth_trend(z, t, *, iterations: int = 10, c: float = 2.5) -> tuple[float, float]:
+    """Huber-weighted straight line through ``t`` against ``z``: ``(slope, intercept)``.
+
+    Residuals beyond ``c`` robust standard deviations (1.4826 MAD) get
+    weight ``c*sigma/|r|``, so a few planes whose Otsu split something else
+    (a plane of agarose only, a plane of tissue only) do not tilt the line.
+    """
+    z, t = np.asarray(z, np.float64), np.asarray(t, np.float64)
+    zc = z.mean()
+    a = np.stack([z - zc, np.ones_like(z)], axis=1)
+    w = np.ones_like(t)
+    coef = np.zeros(2)
+    for _ in range(iterations):
+        coef, *_ = np.linalg.lstsq(a * np.sqrt(w)[:, None], t * np.sqrt(w), rcond=None)
+        r = t - a @ coef
+        sigma = 1.4826 * float(np.median(np.abs(r)))
+        if sigma <= 0:
+            break
+        w = np.minimum(1.0, c * sigma / np.maximum(np.abs(r), 1e-300))
+    return float(coef[0]), float(coef[1] - coef[0] * zc)
+
+
+def _depth_thresholds(log_t, bounds) -> np.ndarray:
+    """Per-plane thresholds (intensity units) from per-plane log-Otsu thresholds, one line per section."""
+    out = np.empty(len(log_t), np.float32)
+    for z0, z1 in bounds:
+        t = np.asarray(log_t[z0:z1], np.float64)
+        ok = np.isfinite(t)
+        z = np.arange(z0, z1)
+        if ok.sum() >= 3:
+            slope, intercept = depth_trend(z[ok], t[ok])
+            out[z0:z1] = np.exp(slope * z + intercept)
+        elif ok.any():
+            out[z0:z1] = math.exp(float(t[ok].mean()))
+        else:
+            out[z0:z1] = -math.inf                    # all tissue
+    return out
+
+
+def plane_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams(), xp=np, slab: int = 16):
+    """Per-plane thresholds (intensity units; ``-inf`` = all tissue), streaming in slabs.
+
+    ``reference``: each section's Otsu threshold on all its planes
+    (:func:`section_thresholds`); ``depth``: the per-section lines through
+    the planes' log-Otsu thresholds.
+    """
+    depth = volume_reader.shape[0]
+    if params.method == "depth":
+        log_t = np.full(depth, math.nan)
+        for z0, z1 in bounds:
+            for c0, sm in _smoothed_slabs(volume_reader, z0, z1, params, xp, slab):
+                for k in range(sm.shape[0]):
+                    log_t[c0 + k] = _log_plane_threshold(sm[k], params)
+        return _depth_thresholds(log_t, bounds)
+    out = np.empty(depth, np.float32)
+    for (z0, z1), t in zip(bounds, section_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)):
+        out[z0:z1] = t
+    return out
+
+
 def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = MaskParams(), xp=np,
-                      slab: int = 16, progress=None) -> list[float]:
+                      slab: int = 16, progress=None) -> np.ndarray:
     """Compute the tissue mask in Z slabs and write it with ``writer.write(z0, block)``.
 
     Holds ``slab`` planes plus a halo of ``4*sigma_z + 2k`` planes on each
     side at a time, whatever the section thickness; the result equals
-    :func:`tissue_mask` on the whole volume.  Returns the per-section
-    thresholds (``-inf`` marks an all-tissue section).
+    :func:`tissue_mask` on the whole volume.  Returns the per-plane
+    thresholds (:func:`plane_thresholds`; ``-inf`` marks all tissue).
     """
-    thresholds = section_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
+    thr_of_plane = plane_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
     depth = volume_reader.shape[0]
     multi = len(bounds) > 1
     k = params.z_closing_planes if multi else 0
     g = _smoothing_halo(params)
-    thr_of_plane = np.empty(depth, np.float32)
-    for (z0, z1), t in zip(bounds, thresholds):
-        thr_of_plane[z0:z1] = t
     for i, (z0, z1) in enumerate(bounds):
         for c0 in range(z0, z1, slab):
             c1 = min(z1, c0 + slab)
@@ -257,4 +349,4 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
             writer.write(c0, to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8))
         if progress is not None:
             progress(i)
-    return thresholds
+    return thr_of_plane

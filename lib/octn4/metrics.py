@@ -105,11 +105,22 @@ def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None) -> list[di
                 flags.append(label)
         if fits is not None and fits[i].get("status") != "fitted":
             flags.append(fits[i].get("status", "not fitted"))
-        elif fits is not None and not fits[i].get("converged", True):
-            flags.append("n4 did not converge")
+        elif fits is not None and not fits[i].get("converged", True) and _still_changing(fits[i]):
+            flags.append("n4 still changing")
         row["flags"] = flags
         rows.append(_clean(row))
     return rows
+
+
+#: A fit that used all its iterations is flagged when its last CV (the field's change at the last
+#: iteration) is above this, ITK's default convergence threshold.  octn4's defaults end each level by
+#: its iteration count (docs/QUALITY.md), with a last CV of about 1e-4.
+STILL_CHANGING_CV = 1e-3
+
+
+def _still_changing(fit: dict) -> bool:
+    conv = [c for c in fit.get("convergence") or [] if c is not None and math.isfinite(c)]
+    return not conv or conv[-1] > STILL_CHANGING_CV
 
 
 def _clean(d):

@@ -21,15 +21,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from ._backend import DEVICES, array_namespace, cuda_namespace
 from .bspline import BSplineField, axis_map, basis_matrix, shrink_grid
 from .errors import InputError
-from .mask import MaskParams, tissue_mask
+from .mask import MaskParams, depth_trend, tissue_mask
 from .sections import section_bounds
+from .shrink import SHRINK_MODES, shrink_volume
 
 log = logging.getLogger("octn4")
 
@@ -37,6 +38,8 @@ __all__ = [
     "N4Params",
     "FitResult",
     "control_points",
+    "fit_schedule",
+    "depth_line",
     "shrink_factors",
     "fit_bias",
     "fit_bias_sitk",
@@ -48,6 +51,9 @@ __all__ = [
     "n4_correct_per_section",
     "apply_bias_field",
 ]
+
+#: Control-point rules (see :func:`fit_schedule`).
+CONTROL_POINT_RULES = ("reference", "fit-grid")
 
 #: Smallest bias value divided by (as in the reference ``vol / max(bias, 1e-6)``).
 BIAS_FLOOR = 1e-6
@@ -90,6 +96,26 @@ class N4Params:
         octn4 engine only: reproduce two SimpleITK quirks that the default
         fixes, quirk Q1 of the histogram's minimum scan and the top-bin
         rounding rule (see :mod:`octn4.engine`).
+    shrink_mode : 'subsample' or 'mean'
+        What a fit voxel holds (:mod:`octn4.shrink`): the voxel at its
+        sample point (ITK, the reference) or the mean of the tissue voxels of
+        its block.
+    control_point_rule : 'reference' or 'fit-grid'
+        'reference' fits every level asked for on the grid the shrink factor
+        gives.  'fit-grid' keeps the lattice within the data, so a thin
+        section is not fitted with more Z control points than it has fit
+        planes: an axis's shrink factor is lowered until the fit grid has at
+        least as many voxels along it as the final lattice has control
+        points (:func:`shrink_factors`), and where even shrink 1 leaves too
+        few, levels are dropped (:func:`fit_schedule`).
+    depth_line : bool
+        Start from the section's depth attenuation: a robust straight line
+        through the fit planes' median log tissue intensity against Z
+        (Beer-Lambert attenuation is a straight line in log) is divided out
+        before N4 and added to the fitted field (:func:`depth_line`).  For
+        per-section fits, where N4's slow, small updates otherwise leave part
+        of a strong attenuation that the section gains then chain into a
+        ramp across the stack.
     """
 
     maximum_number_of_iterations: tuple[int, ...] = (50, 50, 50, 50)
@@ -104,6 +130,9 @@ class N4Params:
     fit_voxels: int = 1_500_000
     evaluation: str = "centred"
     parity: bool = False
+    shrink_mode: str = "subsample"
+    control_point_rule: str = "reference"
+    depth_line: bool = False
 
     def __post_init__(self):
         its = tuple(int(i) for i in self.maximum_number_of_iterations)
@@ -131,6 +160,11 @@ class N4Params:
             raise ValueError(f"fit_voxels must be >= 64; got {self.fit_voxels}")
         if self.evaluation not in ("centred", "stretched"):
             raise ValueError(f"evaluation must be 'centred' or 'stretched'; got {self.evaluation!r}")
+        if self.shrink_mode not in SHRINK_MODES:
+            raise ValueError(f"shrink_mode must be one of {SHRINK_MODES}; got {self.shrink_mode!r}")
+        if self.control_point_rule not in CONTROL_POINT_RULES:
+            raise ValueError(f"control_point_rule must be one of {CONTROL_POINT_RULES}; "
+                             f"got {self.control_point_rule!r}")
 
     @property
     def levels(self) -> int:
@@ -154,6 +188,69 @@ def final_control_points(m0, params: N4Params) -> tuple[int, int, int]:
     return tuple((2 ** (params.levels - 1)) * (m - p) + p for m in m0)
 
 
+def fit_schedule(m0, fit_shape, params: N4Params) -> N4Params:
+    """The parameters a fit really runs with: the levels cut by the control-point rule.
+
+    With ``control_point_rule='fit-grid'``, levels are dropped from the end
+    of the schedule while any axis would end with more control points than
+    fit voxels (at least one level is kept); otherwise ``params`` unchanged.
+    """
+    if params.control_point_rule != "fit-grid":
+        return params
+    its = params.maximum_number_of_iterations
+    p = params.spline_order
+    levels = len(its)
+    while levels > 1 and any((2 ** (levels - 1)) * (m - p) + p > n for m, n in zip(m0, fit_shape)):
+        levels -= 1
+    if levels < len(its):
+        log.info("control points: %d of %d levels fit a %s grid (level-0 lattice %s)",
+                 levels, len(its), tuple(fit_shape), tuple(m0))
+        return replace(params, maximum_number_of_iterations=its[:levels])
+    return params
+
+
+#: Fit-mask voxels a fit plane needs to count in the depth line.
+DEPTH_LINE_MIN_VOXELS = 50
+
+
+def depth_line(shrunk, include, z_full) -> float | None:
+    """Slope (log per full-resolution plane) of the depth line of a fit grid, or None.
+
+    ``z_full``: the full-resolution plane of each fit plane.  The line is a
+    Huber-weighted fit through each plane's median log intensity over its
+    fit voxels (planes with at least ``DEPTH_LINE_MIN_VOXELS``); fewer than 3
+    such planes give no line.
+    """
+    med, zs = [], []
+    for j in range(shrunk.shape[0]):
+        v = shrunk[j][include[j]]
+        if v.size >= DEPTH_LINE_MIN_VOXELS:
+            med.append(float(np.median(np.log(v))))
+            zs.append(float(z_full[j]))
+    if len(zs) < 3:
+        return None
+    return depth_trend(zs, med)[0]
+
+
+def _flatten_depth(shrunk, include, shrink, full_shape, params: N4Params):
+    """``(shrunk / exp(line), slope)`` when ``params.depth_line`` finds a line, else ``(shrunk, None)``."""
+    if not params.depth_line:
+        return shrunk, None
+    oz, mz = shrink_grid(full_shape[0], shrink[0])
+    z_full = oz + shrink[0] * np.arange(mz)
+    slope = depth_line(shrunk, include, z_full)
+    if slope is None:
+        return shrunk, None
+    return (shrunk / np.exp(slope * (z_full - z_full.mean()))[:, None, None]).astype(np.float32), slope
+
+
+def _add_depth_line(fit: FitResult, slope, z_centre: float, voxel_dz: float) -> FitResult:
+    if slope is not None and fit.status == "fitted":
+        fit.field = fit.field.plus_depth_line(slope, -slope * z_centre)
+        fit.depth_slope_per_mm = float(slope / voxel_dz)
+    return fit
+
+
 def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
     """Per-axis shrink factors for a volume of ``shape`` (capped so each axis keeps 2 voxels)."""
     if any(n < 2 for n in shape):
@@ -168,7 +265,12 @@ def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
             # coarsen the axis whose shrunk voxel is physically smallest
             d = min((i for i in range(3) if shape[i] // s[i] > 2), key=lambda i: s[i] * voxel_size[i])
             s[d] += 1
-    return tuple(max(1, min(k, n // 2)) for k, n in zip(s, shape))
+    if params.control_point_rule == "fit-grid":
+        # each axis keeps as many fit voxels as the final lattice has control points (when it has them)
+        keep = final_control_points(control_points(shape, voxel_size, params), params)
+    else:
+        keep = (2, 2, 2)
+    return tuple(max(1, min(k, n // min(n, c))) for k, n, c in zip(s, shape, keep))
 
 
 @dataclass
@@ -188,6 +290,7 @@ class FitResult:
     engine: str = "sitk"
     device: str = "cpu"
     batch_size: int = 1                         # members fitted together (octn4 engine)
+    depth_slope_per_mm: float | None = None     # the depth line divided out before N4 (log per mm)
 
     def summary(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "field"}
@@ -224,6 +327,7 @@ def fit_bias_sitk(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params
 
     t0 = time.perf_counter()
     m0 = control_points(full_shape, voxel_size, params)
+    params = fit_schedule(m0, np.shape(shrunk), params)
     include = np.asarray(shrunk_mask, bool) & (shrunk > 0)
     n_in = int(include.sum())
     result = dict(shrink=tuple(shrink), fit_shape=tuple(shrunk.shape), control_points=m0, fit_voxels=n_in)
@@ -299,8 +403,12 @@ def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4P
     """Fit N4 on a shrunk image with the chosen engine ('octn4' or 'sitk') and device; same result type."""
     if engine != "octn4":
         resolve_device(device, engine)          # an unknown engine, or a GPU asked of SimpleITK, is an error
-        return fit_bias_sitk(shrunk, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
-                             params=params, threads=threads)
+        shrunk = np.asarray(shrunk, np.float32)
+        include = np.asarray(shrunk_mask, bool) & (shrunk > 0)
+        flat, slope = _flatten_depth(shrunk, include, shrink, full_shape, params)
+        fit = fit_bias_sitk(flat, shrunk_mask, full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
+                            params=params, threads=threads)
+        return _add_depth_line(fit, slope, _z_centre(full_shape, shrink), voxel_size[0])
     return fit_bias_batch([shrunk], [shrunk_mask], full_shape=full_shape, shrink=shrink, voxel_size=voxel_size,
                           params=params, device=device)[0]
 
@@ -321,9 +429,13 @@ def fit_bias_batch(shrunk, shrunk_masks, *, full_shape, shrink, voxel_size, para
     xp = cuda_namespace() if device == "cuda" else None
     t0 = time.perf_counter()
     m0 = control_points(full_shape, voxel_size, params)
-    m_final = final_control_points(m0, params)
     images = [np.asarray(a, np.float32) for a in shrunk]
+    if images:
+        params = fit_schedule(m0, images[0].shape, params)
+    m_final = final_control_points(m0, params)
     include = [np.asarray(k, bool) & (a > 0) for a, k in zip(images, shrunk_masks)]
+    flattened = [_flatten_depth(a, inc, shrink, full_shape, params) for a, inc in zip(images, include)]
+    images = [f[0] for f in flattened]
     if len({a.shape for a in images}) > 1:
         raise ValueError(f"a batch needs equal shapes; got {sorted({a.shape for a in images})}")
     common = dict(shrink=tuple(shrink), control_points=m0, engine="octn4", device=device)
@@ -355,7 +467,14 @@ def fit_bias_batch(shrunk, shrunk_masks, *, full_shape, shrink, voxel_size, para
                                fit_shape=images[j].shape, fit_voxels=int(include[j].sum()),
                                iterations=fit.iterations, convergence=fit.convergence, converged=converged,
                                seconds=seconds, batch_size=len(todo), **common)
-    return out
+    z_centre = _z_centre(full_shape, shrink)
+    return [_add_depth_line(f, slope, z_centre, voxel_size[0]) for f, (_, slope) in zip(out, flattened)]
+
+
+def _z_centre(full_shape, shrink) -> float:
+    """Mean full-resolution plane of the fit planes (where the depth line is zero)."""
+    oz, mz = shrink_grid(full_shape[0], shrink[0])
+    return oz + shrink[0] * (mz - 1) / 2
 
 
 def _stretched_basis(n: int, m: int, order: int) -> np.ndarray:
@@ -390,10 +509,6 @@ def _check_recovery(corrector, fld: BSplineField, shrunk_shape, order) -> None:
         raise RuntimeError(f"internal error: recovered N4 lattice differs from SimpleITK by {err:.3g}")
 
 
-def _shrunk_indices(shape, shrink):
-    return [o + s * np.arange(m) for (o, m), s in ((shrink_grid(n, s), s) for n, s in zip(shape, shrink))]
-
-
 def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params = N4Params(),
             threads: int = 1, tile_planes: int = 32, engine: str = "octn4", device: str = "cpu"):
     """N4-correct a volume held in memory.
@@ -421,9 +536,8 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
     if msk.shape != vol.shape:
         raise InputError(f"mask shape {msk.shape} does not match volume shape {vol.shape}")
     s = shrink_factors(vol.shape, voxel_size, params)
-    iz, iy, ix = _shrunk_indices(vol.shape, s)
-    sub = np.ix_(iz, iy, ix)
-    fit = fit_bias(vol[sub], msk[sub], full_shape=vol.shape, shrink=s, voxel_size=voxel_size,
+    sub, sub_mask = shrink_volume(vol, msk, s, params.shrink_mode)
+    fit = fit_bias(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=voxel_size,
                    params=params, threads=threads, engine=engine, device=device)
     corrected = np.empty_like(vol)
     bias = np.empty_like(vol)

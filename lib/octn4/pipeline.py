@@ -15,9 +15,10 @@ global + apply  input, mask, ``sections.json``               ``corrected``, ``bi
 ==============  ===========================================  ==========================
 
 Fields travel as B-spline control lattices (a few kB), never as volumes:
-the global fit reads a shrunk copy of ``input / section_bias`` plane by
-plane, and the final pass evaluates ``bias = section_bias * global_bias``
-tile by tile while writing ``corrected = input / bias``.  Memory is bounded
+the global fit builds its shrunk copy of ``input / section_bias`` one Z
+block at a time (:mod:`octn4.shrink`), and the final pass evaluates
+``bias = section_bias * global_bias`` tile by tile while writing
+``corrected = input / bias``.  Memory is bounded
 by one section (per-section stage), the shrunk fit grid (global fit) and one
 tile (apply), whatever the volume size.
 """
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, defaults
 from ._backend import DEVICES
 from .bspline import BSplineField, shrink_grid
 from .errors import InputError
@@ -53,6 +54,7 @@ from .metrics import PlaneStats, boundary_steps, section_summary
 from .n4 import ENGINES, FitResult, N4Params, fit_bias, fit_bias_batch, resolve_device, shrink_factors
 from .progress import progress
 from .sections import section_bounds
+from .shrink import block_indices, block_mean_plane
 
 log = logging.getLogger("octn4")
 
@@ -77,9 +79,9 @@ class RunConfig:
     planes: tuple[int, ...] | None = None
     voxel_size: tuple[float, float, float] | None = None
     mask_path: str | None = None     # a tissue mask to use instead of computing one
-    mask: MaskParams = field(default_factory=MaskParams)
-    section_n4: N4Params = field(default_factory=N4Params)
-    global_n4: N4Params = field(default_factory=lambda: N4Params(shrink_factor=None))
+    mask: MaskParams = defaults.MASK
+    section_n4: N4Params = defaults.SECTION_N4
+    global_n4: N4Params = defaults.GLOBAL_N4
     gains: GainParams = field(default_factory=GainParams)
     workers: int = 1
     threads: int = 0                 # total CPU threads; 0 = all cores
@@ -211,13 +213,13 @@ def _open_mask(path, vol: Volume) -> Volume:
     return m
 
 
-def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False) -> list[float]:
+def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False) -> np.ndarray:
     """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``."""
     with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
                        attrs=attrs, overwrite=overwrite, affine=vol.affine) as w:
         with progress(len(bounds), "tissue mask") as advance:
             thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance())
-        w.attrs["section_thresholds"] = [None if not math.isfinite(t) else t for t in thresholds]
+        w.attrs["plane_thresholds"] = [None if not math.isfinite(t) else float(t) for t in thresholds]
         w.commit()
     return thresholds
 
@@ -249,10 +251,27 @@ def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Par
     """The shrunk fit grid of one section, read from its own Z slab only.
 
     Returns ``(shape, shrink, image, mask)``: the section's full-resolution
-    shape, the shrink factors, and the sampled image and mask.
+    shape, the shrink factors, and the fit grid's image and mask
+    (``params.shrink_mode``: sampled voxels, or tissue block means read one
+    Z block at a time).
     """
     shape, s, zs, ys, xs = _section_sampling(vol, bounds, index, params)
-    return shape, s, vol.read_planes(zs, ys, xs), msk.read_planes(zs, ys, xs) > 0
+    if params.shrink_mode == "subsample":
+        return shape, s, vol.read_planes(zs, ys, xs), msk.read_planes(zs, ys, xs) > 0
+    z0 = bounds[index][0]
+    return shape, s, *_block_mean_grid(vol, msk, z0 + block_indices(shape[0], s[0]), s)
+
+
+def _block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None):
+    """Tissue block means of ``vol`` (divided by ``exp(log_field(planes))`` when given), one Z block at a time."""
+    img = np.empty((len(z_blocks),) + tuple(shrink_grid(n, k)[1] for n, k in zip(vol.shape[1:], s[1:])), np.float32)
+    fit = np.empty(img.shape, bool)
+    for j, zb in enumerate(z_blocks):
+        planes = vol.read_planes(zb)
+        if log_field is not None:
+            planes = planes / np.exp(log_field(zb))
+        img[j], fit[j] = block_mean_plane(planes, msk.read_planes(zb) > 0, s[1:], vol.shape[1:])
+    return img, fit
 
 
 def _section_record(bounds, index: int, fit: FitResult) -> dict:
@@ -397,12 +416,18 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
     ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
     sub = np.empty((mz, my, mx), np.float32)
     sub_mask = np.empty((mz, my, mx), bool)
+    blocks = block_indices(vol.shape[0], s[0])
     with progress(mz, "global N4: reading shrunk copy") as advance:
         for j in range(mz):
-            z = oz + s[0] * j
-            f = _section_log_field(fields, [z], iy, ix)
-            sub[j] = vol.read(z, z + 1, ys, xs)[0] / np.exp(f[0])
-            sub_mask[j] = msk.read(z, z + 1, ys, xs)[0] > 0
+            if params.shrink_mode == "mean":
+                img, fit = _block_mean_grid(vol, msk, blocks[j:j + 1], s,
+                                            log_field=lambda zb: _section_log_field(fields, zb))
+                sub[j], sub_mask[j] = img[0], fit[0]
+            else:
+                z = oz + s[0] * j
+                f = _section_log_field(fields, [z], iy, ix)
+                sub[j] = vol.read(z, z + 1, ys, xs)[0] / np.exp(f[0])
+                sub_mask[j] = msk.read(z, z + 1, ys, xs)[0] > 0
             advance()
     log.info("global N4: fitting on a %s grid (shrink %s), %d tissue voxels", sub.shape, s, int(sub_mask.sum()))
     return fit_bias(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=vol.voxel_size,

@@ -188,7 +188,8 @@ def _pair(row, key, digits=3):
 
 def _section_table(sections) -> str:
     head = ("<tr><th>section</th><th>planes</th><th>tissue</th><th>median</th><th>step to next (log)</th>"
-            "<th>depth slope (log/mm)</th><th>CV</th><th>N4 iterations</th><th>gain</th><th>flags</th></tr>")
+            "<th>depth slope (log/mm)</th><th>CV</th><th>N4 iterations</th><th>final control points</th>"
+            "<th>depth line (log/mm)</th><th>gain</th><th>flags</th></tr>")
     rows = []
     for s in sections:
         n4 = s.get("n4", {})
@@ -200,6 +201,7 @@ def _section_table(sections) -> str:
             f"<td>{_fmt(s['tissue_fraction'], 2)}</td><td>{_pair(s, 'median')}</td>"
             f"<td>{_pair(s, 'step_to_next', 2)}</td><td>{_pair(s, 'depth_slope_per_mm', 2)}</td>"
             f"<td>{_pair(s, 'cv', 2)}</td><td>{_fmt(n4.get('iterations'))}</td>"
+            f"<td>{_fmt(n4.get('final_control_points'))}</td><td>{_fmt(n4.get('depth_slope_per_mm'), 3)}</td>"
             f"<td>{_fmt(None if gain is None else math.exp(gain), 3)}</td>"
             f"<td>{html.escape(', '.join(flags)) or 'ok'}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -220,7 +222,10 @@ def _facts_table(metrics) -> str:
         ("global N4", json.dumps(params.get("global_n4"))),
         ("global fit", json.dumps({k: metrics.get("global_fit", {}).get(k)
                                    for k in ("shrink", "fit_shape", "iterations", "converged")})),
+        ("fit grids (shrink mode)", _shrink_modes(params)),
+        ("control-point rule", _control_rule(params)),
         ("section gains", json.dumps(params.get("gains"))),
+        ("gain boundaries", _gain_boundaries(metrics.get("summary", {}).get("gain_boundaries", []))),
         ("tissue mask", json.dumps(params.get("mask"))),
         ("timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in t.items())),
         ("peak memory (MiB, main process)", _fmt(rss.get("self"), 4)),
@@ -231,6 +236,33 @@ def _facts_table(metrics) -> str:
     ]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     return f"<table class='facts'>{rows}</table>"
+
+
+def _shrink_modes(params) -> str:
+    sec, glo = params.get("section_n4") or {}, params.get("global_n4") or {}
+    return (f"per section: {sec.get('shrink_mode', 'subsample')}, shrink {sec.get('shrink_factor')}; "
+            f"global: {glo.get('shrink_mode', 'subsample')}, shrink {glo.get('shrink_factor') or 'auto'}")
+
+
+def _control_rule(params) -> str:
+    out = []
+    for name in ("section_n4", "global_n4"):
+        d = params.get(name) or {}
+        out.append(f"{name.split('_')[0]}: {d.get('control_point_rule', 'reference')}, "
+                   f"{len(d.get('maximum_number_of_iterations') or [])} level(s) asked, spacing "
+                   f"{d.get('spline_distance_mm')} mm at level 0"
+                   + (", depth line" if d.get("depth_line") else ""))
+    return "; ".join(out) + " (levels used and final control points: per section below)"
+
+
+def _gain_boundaries(bounds) -> str:
+    if not bounds:
+        return "none (one section, or gains off)"
+    parts = []
+    for b in bounds:
+        step = "bridged" if b.get("bridged") else f"step {b.get('step_log'):+.3f} log"
+        parts.append(f"z {b.get('z')}: {step} ({b.get('shared_tissue_pixels')} shared tissue px)")
+    return "; ".join(parts)
 
 
 CSS = """
@@ -303,7 +335,7 @@ within sections; jumps at the dashed lines are gain steps between sections.</p>
 <h2>Sections</h2>
 <p>Before &rarr; after. Step: log ratio of the median of the first 3 planes of the next section to the last
 3 of this one. Slope: log intensity change per mm of depth. Highlighted rows are flagged: a figure got
-worse, or N4 did not converge.</p>
+worse, or N4's field was still changing when its iterations ran out (last CV above 1e-3).</p>
 {_section_table(metrics["sections"])}
 <h2>Run</h2>
 {_facts_table(metrics)}

@@ -1,0 +1,34 @@
+"""octn4's default settings for each stage, in one place.
+
+:class:`~octn4.n4.N4Params` and :class:`~octn4.mask.MaskParams` default to
+the reference recipe (ITK's N4 settings, per-section Otsu, subsampling),
+which the reference API (:func:`octn4.n4.n4_correct`, ...) reproduces.  The
+pipeline, the command line and the workflow use these instead; each choice
+and the measurements behind it are in ``docs/QUALITY.md``
+(``benchmarks/accuracy_synth.py`` reproduces them).
+"""
+
+from __future__ import annotations
+
+from .mask import MaskParams
+from .n4 import N4Params
+
+__all__ = ["MASK", "SECTION_N4", "GLOBAL_N4", "REFERENCE_SECTION_N4", "REFERENCE_GLOBAL_N4", "REFERENCE_MASK"]
+
+#: Tissue mask: per-plane log-Otsu thresholds on a robust depth line per section.
+MASK = MaskParams(method="depth")
+
+#: N4 per section: the depth line divided out first, two levels of 100 iterations (the iteration count, not
+#: the CV test, ends each level), tissue block means, and a lattice kept within the fit grid.
+SECTION_N4 = N4Params(maximum_number_of_iterations=(100, 100), convergence_threshold=1e-5,
+                      shrink_mode="mean", control_point_rule="fit-grid", depth_line=True)
+
+#: Global N4 over the re-assembled stack: one level (a single B-spline span per axis at the reference
+#: spacing), for drift across the stack, on a fit grid of about 1.5 M voxels.
+GLOBAL_N4 = N4Params(maximum_number_of_iterations=(100,), convergence_threshold=1e-5, shrink_factor=None,
+                     shrink_mode="mean", control_point_rule="fit-grid")
+
+#: The reference recipe (SPEC.md): ITK defaults, subsampling, per-section Otsu.
+REFERENCE_MASK = MaskParams()
+REFERENCE_SECTION_N4 = N4Params()
+REFERENCE_GLOBAL_N4 = N4Params(shrink_factor=None)
