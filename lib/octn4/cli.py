@@ -118,8 +118,9 @@ def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, title="N4") -> 
     g.add_argument(f"--{prefix}control-points", type=_ints, default=None, metavar="Z,Y,X",
                    help="level-0 control points (overrides --spline-distance)")
     g.add_argument(f"--{prefix}control-point-rule", choices=CONTROL_POINT_RULES, default=d.control_point_rule,
-                   help=f"'fit-grid': drop levels that would give an axis more control points than fit voxels; "
-                        f"'reference': fit every level (default {d.control_point_rule})")
+                   help=f"'fit-grid': lower an axis's shrink factor, then drop levels if still needed, so no axis has "
+                        f"more control points than fit voxels; 'reference': fit every level on the grid asked "
+                        f"for (default {d.control_point_rule})")
     g.add_argument(f"--{prefix}depth-line", action=argparse.BooleanOptionalAction, default=d.depth_line,
                    help="divide out each fit's depth attenuation (a robust line of log median intensity "
                         f"against Z) before N4 and add it to the field (default {'on' if d.depth_line else 'off'})")

@@ -114,7 +114,7 @@ def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None) -> list[di
 
 #: A fit that used all its iterations is flagged when its last CV (the field's change at the last
 #: iteration) is above this, ITK's default convergence threshold.  octn4's defaults end each level by
-#: its iteration count (docs/QUALITY.md), with a last CV of about 1e-4.
+#: its iteration count (docs/QUALITY.md), with a last CV of 1e-4 to 7e-4 on the benchmark stacks.
 STILL_CHANGING_CV = 1e-3
 
 

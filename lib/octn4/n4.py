@@ -6,8 +6,9 @@ N4 (Tustison et al. 2010, IEEE TMI 29(6); after Sled et al. 1998) models
 numerical reference is ITK's ``N4BiasFieldCorrectionImageFilter``, described
 in ``docs/N4_ALGORITHM.md`` of the octn4 design notes.
 
-How octn4 uses SimpleITK: the fit runs on a shrunk copy (ITK's centred
-subsampling, :func:`octn4.bspline.shrink_grid`), then the final control
+How octn4 uses SimpleITK: the fit runs on a shrunk copy (on ITK's centred
+sampling grid, :func:`octn4.bspline.shrink_grid`; the sampled voxels or
+tissue block means, :mod:`octn4.shrink`), then the final control
 lattice is recovered from SimpleITK by evaluating its log field on a tiny
 ``(2m+1)^3`` grid and solving the per-axis collocation systems (exact to
 ~1e-7).  The result is a :class:`~octn4.bspline.BSplineField` that is
@@ -241,7 +242,8 @@ def _flatten_depth(shrunk, include, shrink, full_shape, params: N4Params):
     slope = depth_line(shrunk, include, z_full)
     if slope is None:
         return shrunk, None
-    return (shrunk / np.exp(slope * (z_full - z_full.mean()))[:, None, None]).astype(np.float32), slope
+    line = slope * (z_full - _z_centre(full_shape, shrink))
+    return (shrunk / np.exp(line)[:, None, None]).astype(np.float32), slope
 
 
 def _add_depth_line(fit: FitResult, slope, z_centre: float, voxel_dz: float) -> FitResult:
@@ -252,7 +254,12 @@ def _add_depth_line(fit: FitResult, slope, z_centre: float, voxel_dz: float) -> 
 
 
 def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
-    """Per-axis shrink factors for a volume of ``shape`` (capped so each axis keeps 2 voxels)."""
+    """Per-axis shrink factors for a volume of ``shape``.
+
+    Capped so each axis keeps 2 fit voxels ('reference' rule) or as many as
+    the final lattice has control points ('fit-grid' rule), where the axis
+    has that many voxels.
+    """
     if any(n < 2 for n in shape):
         raise InputError(f"N4 needs at least 2 voxels along every axis; got shape {tuple(shape)}")
     if params.shrink_factor is not None:

@@ -188,7 +188,7 @@ def _pair(row, key, digits=3):
 
 def _section_table(sections) -> str:
     head = ("<tr><th>section</th><th>planes</th><th>tissue</th><th>median</th><th>step to next (log)</th>"
-            "<th>depth slope (log/mm)</th><th>CV</th><th>N4 iterations</th><th>final control points</th>"
+            "<th>depth slope (log/mm)</th><th>CV</th><th>N4 iterations</th><th>final control points (shrink)</th>"
             "<th>depth line (log/mm)</th><th>gain</th><th>flags</th></tr>")
     rows = []
     for s in sections:
@@ -201,7 +201,7 @@ def _section_table(sections) -> str:
             f"<td>{_fmt(s['tissue_fraction'], 2)}</td><td>{_pair(s, 'median')}</td>"
             f"<td>{_pair(s, 'step_to_next', 2)}</td><td>{_pair(s, 'depth_slope_per_mm', 2)}</td>"
             f"<td>{_pair(s, 'cv', 2)}</td><td>{_fmt(n4.get('iterations'))}</td>"
-            f"<td>{_fmt(n4.get('final_control_points'))}</td><td>{_fmt(n4.get('depth_slope_per_mm'), 3)}</td>"
+            f"<td>{_fmt(n4.get('final_control_points'))} ({_fmt(n4.get('shrink'))})</td><td>{_fmt(n4.get('depth_slope_per_mm'), 3)}</td>"
             f"<td>{_fmt(None if gain is None else math.exp(gain), 3)}</td>"
             f"<td>{html.escape(', '.join(flags)) or 'ok'}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -240,8 +240,9 @@ def _facts_table(metrics) -> str:
 
 def _shrink_modes(params) -> str:
     sec, glo = params.get("section_n4") or {}, params.get("global_n4") or {}
-    return (f"per section: {sec.get('shrink_mode', 'subsample')}, shrink {sec.get('shrink_factor')}; "
-            f"global: {glo.get('shrink_mode', 'subsample')}, shrink {glo.get('shrink_factor') or 'auto'}")
+    return (f"per section: {sec.get('shrink_mode', 'subsample')}, shrink asked {sec.get('shrink_factor')}; "
+            f"global: {glo.get('shrink_mode', 'subsample')}, shrink asked {glo.get('shrink_factor') or 'auto'} "
+            "(shrink used: per section below, global in the global fit row)")
 
 
 def _control_rule(params) -> str:

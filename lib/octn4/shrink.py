@@ -50,10 +50,9 @@ def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
     """
     iy, ix = (block_indices(n, s) for n, s in zip(shape_yx, shrink_yx))
     use = np.asarray(tissue, bool) & (planes > 0)
-    v = np.where(use, planes, 0).astype(np.float64)
-    # gather rows then columns: (k, My, sy, Mx, sx), summed over the block
-    vs = v[:, iy][:, :, :, ix].sum(axis=(0, 2, 4))
-    ns = use[:, iy][:, :, :, ix].sum(axis=(0, 2, 4))
+    # sums are separable: over the block's planes, then its rows, then its columns
+    vs = np.where(use, planes, 0).sum(axis=0, dtype=np.float64)[iy].sum(axis=1)[:, ix].sum(axis=2)
+    ns = use.sum(axis=0, dtype=np.int64)[iy].sum(axis=1)[:, ix].sum(axis=2)
     size = planes.shape[0] * iy.shape[1] * ix.shape[1]
     mean = np.where(ns > 0, vs / np.maximum(ns, 1), 0.0).astype(np.float32)
     return mean, ns >= MIN_TISSUE_FRACTION * size
