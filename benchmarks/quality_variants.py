@@ -4,7 +4,8 @@
 Runs ``octn4 run`` (octn4's engine) once per stack and variant, each variant
 being extra command-line options, and prints the measures of
 ``accuracy_synth.evaluate`` (log-bias error and its between-section part,
-boundary step, depth slope, tissue contrast kept).  Quick to run (seconds per stack): the place to try
+boundary step and its ratio to the floor the truth-corrected volume leaves,
+depth slope, tissue contrast kept).  Quick to run (seconds per stack): the place to try
 a choice on both anatomies before making it a default.
 
 Usage::
@@ -32,6 +33,8 @@ DEFAULT_VARIANTS = {
     "subsample": "--shrink-mode subsample --global-shrink-mode subsample",
     "no depth line": "--no-depth-line",
     "no gains": "--no-gains",
+    "planes gains": "--gain-estimator planes",
+    "1 voxel/cp": "--fit-voxels-per-control-point 1",
     "sec 2x50": "--iterations 50,50",
     "sec 2x200": "--iterations 200,200",
     "sec ITK 4x50": "--iterations 50,50,50,50 --convergence 0.001 --control-point-rule reference",
@@ -48,7 +51,7 @@ def main(argv=None):
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                    help="a variant (repeatable); default: each of octn4's defaults undone, and schedule variants")
     a = p.parse_args(argv)
-    from accuracy_synth import evaluate, load_stack
+    from accuracy_synth import evaluate, load_stack, truth_row
 
     from octn4.cli import main as octn4
 
@@ -56,10 +59,11 @@ def main(argv=None):
     stacks = sorted(a.work.glob(a.stacks))
     if not stacks:
         raise SystemExit(f"no stacks in {a.work}: run accuracy_synth.py --work {a.work} first")
-    print(f"{'stack':>22} {'variant':>16} {'error':>7} {'betw':>6} {'step':>7} {'slope':>6} "
+    print(f"{'stack':>22} {'variant':>16} {'error':>7} {'betw':>6} {'step':>7} {'/floor':>6} {'slope':>6} "
           f"{'contrast':>8} {'recall':>6} {'time':>5}")
     for stack in stacks:
         s = load_stack(stack)
+        floor = truth_row(s)["step"]
         for name, options in variants.items():
             out = a.work / "variants" / f"{stack.name}_{name.replace(' ', '_')}"
             t0 = time.perf_counter()
@@ -68,7 +72,7 @@ def main(argv=None):
             if rc:
                 raise SystemExit(rc)
             m = evaluate(s, out)
-            print(f"{stack.name:>22} {name:>16} {m['err']:7.3f} {m['between']:6.3f} {m['step']:7.3f} "
+            print(f"{stack.name:>22} {name:>16} {m['err']:7.3f} {m['between']:6.3f} {m['step']:7.3f} {m['step'] / floor:5.1f}x "
                   f"{m['slope']:6.3f} {m['contrast']:8.2f} {m['recall']:6.2f} "
                   f"{time.perf_counter() - t0:4.0f}s", flush=True)
 

@@ -13,7 +13,7 @@ import pytest
 
 from octn4.bspline import BSplineField, axis_map, shrink_grid
 from octn4.cli import main
-from octn4.gains import GainParams, boundary_steps_from_data, solve_gains
+from octn4.gains import GAIN_ESTIMATORS, GainParams, boundary_steps_from_data, solve_gains, touching_step
 from octn4.io import OmeZarrWriter, open_volume
 from octn4.mask import MaskParams, depth_trend, tissue_mask, write_tissue_mask
 from octn4.n4 import N4Params, depth_line, fit_bias, fit_schedule, shrink_factors
@@ -45,36 +45,45 @@ def _zero_record(index, z0, z1, shape):
             "fit": {"fit_voxels": (z1 - z0) * shape[1] * shape[2], "shrink": [1, 1, 1]}}
 
 
-def test_planted_section_gains_are_recovered_within_2_percent(tmp_path):
+@pytest.mark.parametrize("estimator", GAIN_ESTIMATORS)
+def test_planted_section_gains_are_recovered_within_2_percent(tmp_path, estimator):
     """Tissue with speckle, a gain per section and nothing else: harmonisation finds the gains."""
     rng = np.random.default_rng(7)
-    shape = (60, 64, 64)
+    shape = (60, 160, 160)        # the touching planes' estimate needs the pixels: ~14,000 of tissue per plane
     bounds = section_bounds(shape[0], n_sections=5)
-    yy, xx = np.mgrid[:64, :64]
-    tissue = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 < 26 ** 2)
-    clean = np.where(tissue, 1.0 + 0.5 * (xx > 32), 0.1)[None].repeat(shape[0], 0)
+    yy, xx = np.mgrid[:160, :160]
+    tissue = ((yy - 79.5) ** 2 + (xx - 79.5) ** 2 < 66 ** 2)
+    clean = np.where(tissue, 1.0 + 0.5 * (xx > 80), 0.1)[None].repeat(shape[0], 0)
     planted = np.log([1.3, 0.8, 1.1, 0.7, 1.25])
     gain = np.concatenate([np.full(b - a, g) for (a, b), g in zip(bounds, planted)])
     vol = (clean * rng.gamma(6.0, 1 / 6.0, shape) * np.exp(gain)[:, None, None]).astype(np.float32)
     v = _write(tmp_path / "v.ome.zarr", vol)
     m = _write(tmp_path / "m.ome.zarr", np.broadcast_to(tissue, shape).astype(np.uint8))
     records = [_zero_record(i, a, b, shape) for i, (a, b) in enumerate(bounds)]
-    out, report = harmonise_gains(v, m, records, params=GainParams())
+    out, report = harmonise_gains(v, m, records, params=GainParams(estimator=estimator))
     got = np.array([r["gain_log"] for r in out])
     want = planted - np.average(planted, weights=[b - a for a, b in bounds])   # anchored: tissue-weighted mean 0
     assert np.abs(np.exp(got - want) - 1).max() < 0.02, (got, want)
     assert not any(r["bridged"] for r in report)
 
 
-def test_a_boundary_without_shared_tissue_is_bridged_not_guessed():
-    before = np.ones((3, 8, 8), np.float32)
-    empty = np.zeros((8, 8), bool)
-    assert boundary_steps_from_data(before, 2 * before, empty, empty, min_shared=1) == (None, 0)
-    g = solve_gains([0.2, None, -0.1], [1, 1, 1, 1])
-    assert g[1] - g[0] == pytest.approx(0.2, abs=1e-6)
-    assert g[3] - g[2] == pytest.approx(-0.1, abs=1e-6)
-    assert g[2] - g[1] == pytest.approx(0.0, abs=1e-6)        # bridged: no step assumed
-    assert np.mean(g) == pytest.approx(0.0, abs=1e-9)
+def test_touching_planes_see_the_gain_where_the_anatomy_changes_with_depth():
+    """A bright core widening with depth (a 56 degree interface) changes each plane's median; the touching pixels
+    stay the same tissue but for a thin ring."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:192, :192]
+    r = np.hypot(yy - 95.5, xx - 95.5)
+    tissue = r < 90
+    z = np.arange(12)[:, None, None]
+    clean = np.where(r[None] < 45 + 1.5 * (z - 6), 2.0, 1.0)
+    vol = clean * rng.gamma(6.0, 1 / 6.0, clean.shape)
+    vol[6:] *= 1.15                                                    # the gain step at plane 6
+    d_touch, n = touching_step(vol[5], vol[6], tissue, tissue, sigma=4.0, min_shared=200)
+    d_planes, _ = boundary_steps_from_data(vol[3:6], vol[6:9], tissue, tissue, min_shared=200)
+    assert n == tissue.sum()
+    assert abs(np.exp(d_touch) / 1.15 - 1) < 0.015, d_touch
+    assert abs(np.exp(d_planes) / 1.15 - 1) > 0.025, d_planes            # the anatomy's change taken for gain
+    assert touching_step(vol[5], vol[6], tissue, ~tissue, sigma=4.0, min_shared=200) == (None, 0)
 
 
 # --------------------------------------------------------------------------- fit grids
@@ -146,6 +155,12 @@ def test_control_point_rule_keeps_the_lattice_within_the_fit_grid():
     assert shrink_factors((16, 192, 192), (0.05,) * 3, N4Params(maximum_number_of_iterations=(9, 9))) == (4, 4, 4)
     # 4 levels (11 control points) on 8 planes: shrink 1, and fit_schedule then keeps 3 levels (7 <= 8)
     assert shrink_factors((8, 192, 192), (0.05,) * 3, rule) == (1, 4, 4)
+    # K fit voxels per control point: 2 x 5 Z control points need 10 planes (shrink 2 of 24), 4 x 5 need 20
+    for k, z in ((2, 2), (4, 1)):
+        p = N4Params(maximum_number_of_iterations=(9, 9), control_point_rule="fit-grid", fit_voxels_per_control_point=k)
+        assert shrink_factors((24, 192, 192), (0.05,) * 3, p) == (z, 4, 4)
+    with pytest.raises(ValueError, match="fit_voxels_per_control_point"):
+        N4Params(fit_voxels_per_control_point=0)
 
 
 def test_fits_record_the_levels_the_rule_left():

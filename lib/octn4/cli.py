@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__, defaults
 from ._backend import DEVICES
 from .errors import InputError
-from .gains import GainParams
+from .gains import GAIN_ESTIMATORS, GainParams
 from .mask import MASK_METHODS, MaskParams
 from .n4 import CONTROL_POINT_RULES, ENGINES, N4Params
 from .sections import parse_planes
@@ -121,6 +121,9 @@ def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, title="N4") -> 
                    help=f"'fit-grid': lower an axis's shrink factor, then drop levels if still needed, so no axis has "
                         f"more control points than fit voxels; 'reference': fit every level on the grid asked "
                         f"for (default {d.control_point_rule})")
+    g.add_argument(f"--{prefix}fit-voxels-per-control-point", type=int, default=d.fit_voxels_per_control_point,
+                   metavar="K", help="with the fit-grid rule, lower an axis's shrink factor until its fit grid has K "
+                                     f"voxels per final control point (default {d.fit_voxels_per_control_point})")
     g.add_argument(f"--{prefix}depth-line", action=argparse.BooleanOptionalAction, default=d.depth_line,
                    help="divide out each fit's depth attenuation (a robust line of log median intensity "
                         f"against Z) before N4 and add it to the field (default {'on' if d.depth_line else 'off'})")
@@ -137,6 +140,7 @@ def n4_params(a, prefix: str = "") -> N4Params:
                     shrink_factor=getattr(a, f"{k}shrink"), fit_voxels=getattr(a, f"{k}fit_voxels"),
                     shrink_mode=getattr(a, f"{k}shrink_mode"),
                     control_point_rule=getattr(a, f"{k}control_point_rule"),
+                    fit_voxels_per_control_point=getattr(a, f"{k}fit_voxels_per_control_point"),
                     depth_line=getattr(a, f"{k}depth_line"),
                     parity=getattr(a, "itk_parity", False))
 
@@ -158,18 +162,25 @@ def add_engine_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
 
 
 def add_gain_args(p: argparse.ArgumentParser) -> None:
-    d = GainParams()
+    d = defaults.GAINS
     g = p.add_argument_group("section gains")
     g.add_argument("--no-gains", action="store_true",
                    help="skip section gain harmonisation (the plain reference recipe)")
+    g.add_argument("--gain-estimator", choices=GAIN_ESTIMATORS, default=d.estimator,
+                   help="how a boundary's step is measured: 'touching': median per-pixel log ratio of the two "
+                        "smoothed planes that touch it; 'planes': difference of the median log intensity of "
+                        f"--gain-planes planes on each side (default {d.estimator})")
+    g.add_argument("--gain-smoothing", type=float, default=d.smoothing_px, metavar="PX",
+                   help=f"'touching': Gaussian sigma in pixels against speckle (default {d.smoothing_px:g})")
     g.add_argument("--gain-planes", type=int, default=d.boundary_planes,
-                   help="planes on each side of a boundary used for its step")
+                   help=f"'planes': planes on each side of a boundary (default {d.boundary_planes})")
     g.add_argument("--gain-min-shared", type=int, default=d.min_shared,
                    help="shared tissue pixels below which a boundary is bridged")
 
 
 def gain_params(a) -> GainParams:
-    return GainParams(enabled=not a.no_gains, boundary_planes=a.gain_planes, min_shared=a.gain_min_shared)
+    return GainParams(enabled=not a.no_gains, estimator=a.gain_estimator, smoothing_px=a.gain_smoothing,
+                      boundary_planes=a.gain_planes, min_shared=a.gain_min_shared)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

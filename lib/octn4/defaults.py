@@ -10,23 +10,29 @@ and the measurements behind it are in ``docs/QUALITY.md``
 
 from __future__ import annotations
 
+from .gains import GainParams
 from .mask import MaskParams
 from .n4 import N4Params
 
-__all__ = ["MASK", "SECTION_N4", "GLOBAL_N4", "REFERENCE_SECTION_N4", "REFERENCE_GLOBAL_N4", "REFERENCE_MASK"]
+__all__ = ["MASK", "SECTION_N4", "GLOBAL_N4", "GAINS", "REFERENCE_SECTION_N4", "REFERENCE_GLOBAL_N4", "REFERENCE_MASK"]
 
 #: Tissue mask: per-plane log-Otsu thresholds on a robust depth line per section.
 MASK = MaskParams(method="depth")
 
 #: N4 per section: the depth line divided out first, two levels of 100 iterations (the iteration count, not
-#: the CV test, ends each level), tissue block means, and a lattice kept within the fit grid.
+#: the CV test, ends each level), tissue block means, and a lattice kept within the fit grid with at least two
+#: fit voxels per control point along each axis (a thin section's Z axis is shrunk less).
 SECTION_N4 = N4Params(maximum_number_of_iterations=(100, 100), convergence_threshold=1e-5,
-                      shrink_mode="mean", control_point_rule="fit-grid", depth_line=True)
+                      shrink_mode="mean", control_point_rule="fit-grid", fit_voxels_per_control_point=2,
+                      depth_line=True)
 
 #: Global N4 over the re-assembled stack: one level (a single B-spline span per axis at the reference
 #: spacing), for drift across the stack, on a fit grid of about 1.5 M voxels.
 GLOBAL_N4 = N4Params(maximum_number_of_iterations=(100,), convergence_threshold=1e-5, shrink_factor=None,
                      shrink_mode="mean", control_point_rule="fit-grid")
+
+#: Section gains: each boundary's step from the two planes that touch it (per-pixel log ratios, smoothed).
+GAINS = GainParams(estimator="touching", smoothing_px=8.0)
 
 #: The reference recipe (SPEC.md): ITK defaults, subsampling, per-section Otsu.
 REFERENCE_MASK = MaskParams()

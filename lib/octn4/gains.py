@@ -2,13 +2,22 @@
 
 N4's field is one smooth spline per fit, so it cannot represent the gain jump
 at a section boundary (N4_ALGORITHM.md §9, item 10).  After per-section N4,
-octn4 measures at each boundary ``s | s+1`` the log step
+octn4 measures at each boundary ``s | s+1`` a log step ``d_s`` of the
+section-corrected intensity ``c``, over the pixels that are tissue on both
+sides of the boundary (the mask's last plane of ``s`` and first plane of
+``s+1``), with one of two estimators:
 
-    d_s = median log c(first k planes of s+1) - median log c(last k planes of s)
+``touching`` (octn4's default, :data:`octn4.defaults.GAINS`)
+    the two planes that touch the boundary, each smoothed in-plane by a
+    Gaussian against speckle; ``d_s`` is the median of the per-pixel log
+    ratios.  Tissue is continuous across the cut, so each pixel compares the
+    same anatomy on both sides (:func:`touching_step`);
+``planes``
+    ``median log c(first k planes of s+1) - median log c(last k planes of
+    s)``, which also takes a change of the tissue's make-up over those
+    ``2k`` planes for gain (:func:`boundary_steps_from_data`).
 
-of the section-corrected intensity ``c``, over the pixels that are tissue on
-both sides of the boundary (the mask's last plane of ``s`` and first plane of
-``s+1``).  It then solves, jointly and in log space,
+It then solves, jointly and in log space,
 
     minimise  sum_s w_s (g_{s+1} - g_s - d_s)^2,   subject to  sum_s n_s g_s = 0,
 
@@ -24,18 +33,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
-__all__ = ["GainParams", "boundary_steps_from_data", "solve_gains"]
+__all__ = ["GAIN_ESTIMATORS", "GainParams", "boundary_steps_from_data", "solve_gains", "touching_step"]
 
 #: Weight of the no-jump prior on a bridged boundary, relative to a measured one.
 BRIDGE_WEIGHT = 1e-3
 
 
+#: How a boundary's step is measured (see the module docstring).
+GAIN_ESTIMATORS = ("touching", "planes")
+
+
 @dataclass(frozen=True)
 class GainParams:
     enabled: bool = True
-    boundary_planes: int = 3      # k planes on each side of a boundary
+    estimator: str = "planes"     # 'touching' or 'planes'
+    smoothing_px: float = 4.0     # 'touching': Gaussian sigma (pixels) applied to each touching plane
+    boundary_planes: int = 3      # 'planes': k planes on each side of a boundary
     min_shared: int = 200         # shared tissue pixels below which a boundary is bridged
+
+    def __post_init__(self):
+        if self.estimator not in GAIN_ESTIMATORS:
+            raise ValueError(f"gain estimator must be one of {GAIN_ESTIMATORS}; got {self.estimator!r}")
+        if not self.smoothing_px >= 0:
+            raise ValueError(f"smoothing_px must be >= 0; got {self.smoothing_px}")
+        if self.boundary_planes < 1:
+            raise ValueError(f"boundary_planes must be >= 1; got {self.boundary_planes}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +80,29 @@ def boundary_steps_from_data(planes_before, planes_after, mask_last, mask_first,
     if n < min_shared or a.size == 0 or b.size == 0:
         return None, n
     return float(np.median(np.log(b)) - np.median(np.log(a))), n
+
+
+def touching_step(plane_before, plane_after, mask_last, mask_first, *, sigma: float, min_shared: int):
+    """Log step across one boundary from the two planes that touch it, or ``None``.
+
+    Each section-corrected plane is smoothed (Gaussian, ``sigma`` pixels)
+    against speckle; the step is the median, over the pixels that are tissue
+    in both planes, of the per-pixel log ratio ``after / before``.  Tissue
+    is continuous across a cut, so each pixel compares the same anatomy on
+    both sides.
+    """
+    shared = mask_last & mask_first
+    n = int(shared.sum())
+    if n < min_shared:
+        return None, n
+    a = np.asarray(plane_before, np.float64)
+    b = np.asarray(plane_after, np.float64)
+    if sigma > 0:
+        a, b = ndi.gaussian_filter(a, sigma), ndi.gaussian_filter(b, sigma)
+    ok = shared & (a > 0) & (b > 0)
+    if ok.sum() < min_shared:
+        return None, n
+    return float(np.median(np.log(b[ok]) - np.log(a[ok]))), n
 
 
 def solve_gains(steps, tissue_voxels) -> np.ndarray:

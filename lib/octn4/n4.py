@@ -106,9 +106,14 @@ class N4Params:
         gives.  'fit-grid' keeps the lattice within the data, so a thin
         section is not fitted with more Z control points than it has fit
         planes: an axis's shrink factor is lowered until the fit grid has at
-        least as many voxels along it as the final lattice has control
-        points (:func:`shrink_factors`), and where even shrink 1 leaves too
-        few, levels are dropped (:func:`fit_schedule`).
+        least ``fit_voxels_per_control_point`` times as many voxels along it
+        as the final lattice has control points (:func:`shrink_factors`), and
+        where even shrink 1 leaves fewer voxels than control points, levels
+        are dropped (:func:`fit_schedule`).
+    fit_voxels_per_control_point : int
+        With the 'fit-grid' rule, how many fit voxels per final control point
+        an axis keeps where it has them (1: the lattice may interpolate its
+        data; more: it is a least-squares fit along that axis too).
     depth_line : bool
         Start from the section's depth attenuation: a robust straight line
         through the fit planes' median log tissue intensity against Z
@@ -133,6 +138,7 @@ class N4Params:
     parity: bool = False
     shrink_mode: str = "subsample"
     control_point_rule: str = "reference"
+    fit_voxels_per_control_point: int = 1
     depth_line: bool = False
 
     def __post_init__(self):
@@ -166,6 +172,8 @@ class N4Params:
         if self.control_point_rule not in CONTROL_POINT_RULES:
             raise ValueError(f"control_point_rule must be one of {CONTROL_POINT_RULES}; "
                              f"got {self.control_point_rule!r}")
+        if int(self.fit_voxels_per_control_point) < 1:
+            raise ValueError(f"fit_voxels_per_control_point must be >= 1; got {self.fit_voxels_per_control_point}")
 
     @property
     def levels(self) -> int:
@@ -256,9 +264,9 @@ def _add_depth_line(fit: FitResult, slope, z_centre: float, voxel_dz: float) -> 
 def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
     """Per-axis shrink factors for a volume of ``shape``.
 
-    Capped so each axis keeps 2 fit voxels ('reference' rule) or as many as
-    the final lattice has control points ('fit-grid' rule), where the axis
-    has that many voxels.
+    Capped so each axis keeps 2 fit voxels ('reference' rule) or
+    ``fit_voxels_per_control_point`` times as many as the final lattice has
+    control points ('fit-grid' rule), where the axis has that many voxels.
     """
     if any(n < 2 for n in shape):
         raise InputError(f"N4 needs at least 2 voxels along every axis; got shape {tuple(shape)}")
@@ -274,7 +282,8 @@ def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
             s[d] += 1
     if params.control_point_rule == "fit-grid":
         # each axis keeps as many fit voxels as the final lattice has control points (when it has them)
-        keep = final_control_points(control_points(shape, voxel_size, params), params)
+        keep = [c * params.fit_voxels_per_control_point
+                for c in final_control_points(control_points(shape, voxel_size, params), params)]
     else:
         keep = (2, 2, 2)
     return tuple(max(1, min(k, n // min(n, c))) for k, n, c in zip(s, shape, keep))

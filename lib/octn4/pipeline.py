@@ -47,7 +47,7 @@ from . import __version__, defaults
 from ._backend import DEVICES
 from .bspline import BSplineField, shrink_grid
 from .errors import InputError
-from .gains import GainParams, boundary_steps_from_data, solve_gains
+from .gains import GainParams, boundary_steps_from_data, solve_gains, touching_step
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
 from .mask import MaskParams, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
@@ -82,7 +82,7 @@ class RunConfig:
     mask: MaskParams = defaults.MASK
     section_n4: N4Params = defaults.SECTION_N4
     global_n4: N4Params = defaults.GLOBAL_N4
-    gains: GainParams = field(default_factory=GainParams)
+    gains: GainParams = defaults.GAINS
     workers: int = 1
     threads: int = 0                 # total CPU threads; 0 = all cores
     output_format: str = "ome-zarr"  # or 'nifti'
@@ -383,18 +383,23 @@ def _section_log_field(fields, z, ys=None, xs=None) -> np.ndarray:
 def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
     """One gain per section from the tissue at each boundary (see :mod:`octn4.gains`).
 
-    Reads ``2 * boundary_planes`` planes per boundary.  Returns the records
+    Reads the two planes that touch each boundary ('touching') or
+    ``2 * boundary_planes`` planes ('planes').  Returns the records
     with ``gain_log`` set, and a per-boundary report.
     """
     fields = _section_fields(records)
-    k = params.boundary_planes
+    k = params.boundary_planes if params.estimator == "planes" else 1
     steps, report = [], []
     for (a0, a1, fa, _), (b0, b1, fb, _) in zip(fields[:-1], fields[1:]):
         ka, kb = min(k, a1 - a0), min(k, b1 - b0)
         before = vol.read(a1 - ka, a1) / np.exp(fa.evaluate(np.arange(a1 - ka, a1) - a0))
         after = vol.read(b0, b0 + kb) / np.exp(fb.evaluate(np.arange(kb)))
-        d, n = boundary_steps_from_data(before, after, msk.read(a1 - 1, a1)[0] > 0, msk.read(b0, b0 + 1)[0] > 0,
-                                        min_shared=params.min_shared)
+        last, first = msk.read(a1 - 1, a1)[0] > 0, msk.read(b0, b0 + 1)[0] > 0
+        if params.estimator == "touching":
+            d, n = touching_step(before[-1], after[0], last, first, sigma=params.smoothing_px,
+                                 min_shared=params.min_shared)
+        else:
+            d, n = boundary_steps_from_data(before, after, last, first, min_shared=params.min_shared)
         steps.append(d)
         report.append({"z": a1, "step_log": d, "shared_tissue_pixels": n, "bridged": d is None})
     weights = [r["fit"]["fit_voxels"] * math.prod(r["fit"]["shrink"]) for r in records]

@@ -249,7 +249,10 @@ def _control_rule(params) -> str:
     out = []
     for name in ("section_n4", "global_n4"):
         d = params.get(name) or {}
-        out.append(f"{name.split('_')[0]}: {d.get('control_point_rule', 'reference')}, "
+        rule = d.get("control_point_rule", "reference")
+        if rule == "fit-grid":
+            rule += f" ({d.get('fit_voxels_per_control_point', 1)} fit voxel(s) per control point)"
+        out.append(f"{name.split('_')[0]}: {rule}, "
                    f"{len(d.get('maximum_number_of_iterations') or [])} level(s) asked, spacing "
                    f"{d.get('spline_distance_mm')} mm at level 0"
                    + (", depth line" if d.get("depth_line") else ""))
