@@ -95,14 +95,14 @@ def touching_step(plane_before, plane_after, mask_last, mask_first, *, sigma: fl
     n = int(shared.sum())
     if n < min_shared:
         return None, n
-    a = np.asarray(plane_before, np.float64)
-    b = np.asarray(plane_after, np.float64)
+    a = np.asarray(plane_before, np.float32)     # float32: a plane of a whole brain can be 100 M pixels
+    b = np.asarray(plane_after, np.float32)
     if sigma > 0:
         a, b = ndi.gaussian_filter(a, sigma), ndi.gaussian_filter(b, sigma)
     ok = shared & (a > 0) & (b > 0)
     if ok.sum() < min_shared:
         return None, n
-    return float(np.median(np.log(b[ok]) - np.log(a[ok]))), n
+    return float(np.median(np.log(b[ok]) - np.log(a[ok]), overwrite_input=True)), n
 
 
 def solve_gains(steps, tissue_voxels) -> np.ndarray:
