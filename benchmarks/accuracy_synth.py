@@ -67,7 +67,7 @@ import numpy as np
 
 from octn4.cli import main as octn4_main
 from octn4.io import open_volume
-from octn4.metrics import boundary_steps, log_bias_error
+from octn4.metrics import boundary_steps
 from octn4.synth import SynthParams, synth_stack
 
 REFERENCE = ["--engine", "sitk", "--no-gains", "--mask-method", "reference",

@@ -72,7 +72,8 @@ def main(argv=None):
             if rc:
                 raise SystemExit(rc)
             m = evaluate(s, out)
-            print(f"{stack.name:>22} {name:>16} {m['err']:7.3f} {m['between']:6.3f} {m['step']:7.3f} {m['step'] / floor:5.1f}x "
+            print(f"{stack.name:>22} {name:>16} {m['err']:7.3f} {m['between']:6.3f} {m['step']:7.3f} "
+                  f"{m['step'] / floor:5.1f}x "
                   f"{m['slope']:6.3f} {m['contrast']:8.2f} {m['recall']:6.2f} "
                   f"{time.perf_counter() - t0:4.0f}s", flush=True)
 

@@ -67,6 +67,17 @@ def test_planted_section_gains_are_recovered_within_2_percent(tmp_path, estimato
     assert not any(r["bridged"] for r in report)
 
 
+def test_a_boundary_without_shared_tissue_is_bridged_not_guessed():
+    before = np.ones((3, 8, 8), np.float32)
+    empty = np.zeros((8, 8), bool)
+    assert boundary_steps_from_data(before, 2 * before, empty, empty, min_shared=1) == (None, 0)
+    g = solve_gains([0.2, None, -0.1], [1, 1, 1, 1])
+    assert g[1] - g[0] == pytest.approx(0.2, abs=1e-6)
+    assert g[3] - g[2] == pytest.approx(-0.1, abs=1e-6)
+    assert g[2] - g[1] == pytest.approx(0.0, abs=1e-6)        # bridged: no step assumed
+    assert np.mean(g) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_touching_planes_see_the_gain_where_the_anatomy_changes_with_depth():
     """A bright core widening with depth (a 56 degree interface) changes each plane's median; the touching pixels
     stay the same tissue but for a thin ring."""
@@ -229,8 +240,12 @@ def test_depth_mask_keeps_the_tissue_the_reference_mask_loses(strong_stack):
     bounds = json.loads((strong_stack / "synth.json").read_text())["sections"]
     ref = tissue_mask(vol, bounds, params=MaskParams())
     dep = tissue_mask(vol, bounds, params=MaskParams(method="depth"))
-    recall = lambda m: (m & tissue).sum() / tissue.sum()
-    precision = lambda m: (m & tissue).sum() / m.sum()
+    def recall(m):
+        return (m & tissue).sum() / tissue.sum()
+
+    def precision(m):
+        return (m & tissue).sum() / m.sum()
+
     assert recall(dep) >= 0.97 and precision(dep) >= 0.9, (recall(dep), precision(dep))
     assert recall(ref) < 0.9                                             # what the depth method is for
 
@@ -273,8 +288,10 @@ def _error(result, stack):
 def _contrast(result, stack):
     labels, clean = read(stack / "labels.ome.zarr"), read(stack / "clean.ome.zarr")
     cor = read(result / "corrected.ome.zarr")
-    r = lambda v: np.median(v[labels == 2]) / np.median(v[labels == 1])
-    return r(cor) / r(clean)
+    def ratio(v):
+        return np.median(v[labels == 2]) / np.median(v[labels == 1])
+
+    return ratio(cor) / ratio(clean)
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ GLOBAL_N4 = N4Params(maximum_number_of_iterations=(100,), convergence_threshold=
                      shrink_mode="mean", control_point_rule="fit-grid")
 
 #: Section gains: each boundary's step from the two planes that touch it (per-pixel log ratios, smoothed).
-GAINS = GainParams(estimator="touching", smoothing_px=8.0)
+GAINS = GainParams(estimator="touching")
 
 #: The reference recipe (SPEC.md): ITK defaults, subsampling, per-section Otsu.
 REFERENCE_MASK = MaskParams()

@@ -49,7 +49,7 @@ GAIN_ESTIMATORS = ("touching", "planes")
 class GainParams:
     enabled: bool = True
     estimator: str = "planes"     # 'touching' or 'planes'
-    smoothing_px: float = 4.0     # 'touching': Gaussian sigma (pixels) applied to each touching plane
+    smoothing_px: float = 8.0     # 'touching': Gaussian sigma (pixels) applied to each touching plane
     boundary_planes: int = 3      # 'planes': k planes on each side of a boundary
     min_shared: int = 200         # shared tissue pixels below which a boundary is bridged
 

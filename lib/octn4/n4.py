@@ -174,6 +174,7 @@ class N4Params:
                              f"got {self.control_point_rule!r}")
         if int(self.fit_voxels_per_control_point) < 1:
             raise ValueError(f"fit_voxels_per_control_point must be >= 1; got {self.fit_voxels_per_control_point}")
+        object.__setattr__(self, "fit_voxels_per_control_point", int(self.fit_voxels_per_control_point))
 
     @property
     def levels(self) -> int:
@@ -281,7 +282,7 @@ def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
             d = min((i for i in range(3) if shape[i] // s[i] > 2), key=lambda i: s[i] * voxel_size[i])
             s[d] += 1
     if params.control_point_rule == "fit-grid":
-        # each axis keeps as many fit voxels as the final lattice has control points (when it has them)
+        # each axis keeps K fit voxels per final control point (when it has them)
         keep = [c * params.fit_voxels_per_control_point
                 for c in final_control_points(control_points(shape, voxel_size, params), params)]
     else:

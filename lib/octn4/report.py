@@ -201,7 +201,8 @@ def _section_table(sections) -> str:
             f"<td>{_fmt(s['tissue_fraction'], 2)}</td><td>{_pair(s, 'median')}</td>"
             f"<td>{_pair(s, 'step_to_next', 2)}</td><td>{_pair(s, 'depth_slope_per_mm', 2)}</td>"
             f"<td>{_pair(s, 'cv', 2)}</td><td>{_fmt(n4.get('iterations'))}</td>"
-            f"<td>{_fmt(n4.get('final_control_points'))} ({_fmt(n4.get('shrink'))})</td><td>{_fmt(n4.get('depth_slope_per_mm'), 3)}</td>"
+            f"<td>{_fmt(n4.get('final_control_points'))} ({_fmt(n4.get('shrink'))})</td>"
+            f"<td>{_fmt(n4.get('depth_slope_per_mm'), 3)}</td>"
             f"<td>{_fmt(None if gain is None else math.exp(gain), 3)}</td>"
             f"<td>{html.escape(', '.join(flags)) or 'ok'}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
