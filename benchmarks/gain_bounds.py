@@ -16,7 +16,10 @@ clean)``, 3 planes on each side) for:
   ``E[floor]`` with its range over 16 fresh draws
   (:func:`accuracy_synth.speckle_floor_draws`).
 
-and, per boundary, the run's step against the oracle's and the part of the
+the lateral spread of the run's error (SD over the tissue of a plane of log
+estimated - log true bias, averaged over the sections) in the first two,
+the middle two and the last two planes of each section, and, per
+boundary, the run's step against the oracle's and the part of the
 ``touching`` estimator that is the anatomy's own change across the cut (the
 estimator applied to the clean volume).  Changing the gains while keeping the
 global field is an approximation of a rerun (the global fit sees the new
@@ -64,7 +67,11 @@ def analyse(stack: Path, out: Path) -> dict:
     prof = np.array([np.median(resid[z][t[z]]) for z in range(nz)])
     err = log_sec + log_glob - np.log(s["truth_bias"])
     mean_err = np.array([err[z][t[z]].mean() for z in range(nz)])
+    sd_err = np.array([err[z][t[z]].std() for z in range(nz)])
     del resid, err
+    mid = [(a + b) // 2 for a, b in bounds]
+    lateral = np.array([(sd_err[a:a + 2].mean(), sd_err[m - 1:m + 1].mean(), sd_err[b - 2:b].mean())
+                        for (a, b), m in zip(bounds, mid)]).mean(0)
     weights = [int(mask[a:b].sum()) for a, b in bounds]
 
     def step_with(log_gains_per_section):
@@ -88,6 +95,7 @@ def analyse(stack: Path, out: Path) -> dict:
     return {"run": step_with([d["gain_log"] for d in f["sections"]]),
             "oracle": step_with(solve_gains(oracle, weights)), "floor": floor,
             "floor_draws": {"median": float(np.median(draws)), "min": float(draws.min()), "max": float(draws.max())},
+            "lateral_error_sd": dict(zip(("first", "middle", "last"), map(float, lateral))),
             "boundaries": boundaries}
 
 
@@ -111,6 +119,9 @@ def main(argv=None):
         print(f"{name:>20} {r['floor']:7.4f} {fd['median']:8.4f} {fd['min']:6.4f}-{fd['max']:6.4f} {r['run']:7.4f} "
               f"{r['oracle']:7.4f} {r['run'] / r['floor']:9.1f} {r['oracle'] / r['floor']:12.1f} "
               f"{r['run'] / fd['median']:6.1f} {r['oracle'] / fd['median']:8.1f}", flush=True)
+        lat = r["lateral_error_sd"]
+        print(f"{'':>20}   lateral SD of the error: first 2 planes {lat['first']:.4f}, middle 2 {lat['middle']:.4f}, "
+              f"last 2 {lat['last']:.4f}")
         for b in r["boundaries"]:
             print(f"{'':>20}   z={b['z']:3d}  run step {b['run_step']:+.4f}  oracle {b['oracle_step']:+.4f}  "
                   f"difference {b['run_step'] - b['oracle_step']:+.4f}  anatomy across the cut {b['anatomy']:+.4f}")
