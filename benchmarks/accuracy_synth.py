@@ -95,7 +95,8 @@ def read(path):
     return v.read(0, v.shape[0])
 
 
-def _profile(vol, clean, tissue):
+def log_ratio_profile(vol, clean, tissue):
+    """Per-plane median over the true tissue of ``log(vol / clean)`` (what ``step`` is measured on)."""
     r = np.log(np.maximum(vol, 1e-12) / clean)
     return np.array([np.median(r[z][tissue[z]]) if tissue[z].any() else np.nan for z in range(r.shape[0])])
 
@@ -127,7 +128,7 @@ def error_parts(est, truth, tissue, bounds):
 
 
 def volume_measures(cor, clean, labels, tissue, bounds, dz_mm) -> dict:
-    prof = _profile(cor, clean, tissue)
+    prof = log_ratio_profile(cor, clean, tissue)
     grey, white = cor[labels == 1], cor[labels == 2]
     ratio = (np.median(white) / np.median(grey)) / (np.median(clean[labels == 2]) / np.median(clean[labels == 1]))
     lc, lk = np.log(np.maximum(cor[tissue], 1e-12)), np.log(clean[tissue])

@@ -10,8 +10,10 @@ clean)``, 3 planes on each side) for:
   benchmark's figure);
 - ``oracle``: gains set from the true bias, so that the tissue-mean error of
   the section-corrected volume has no step between the 3-plane blocks the
-  figure compares.  Its fields and global field are the run's: this is the
-  best any gain estimator can do with those fields;
+  figure compares.  Its fields and global field are the run's: this is
+  what exact knowledge of each section's mean error gives with those
+  fields (an estimator can land lower only by luck, since the figure's
+  speckle part is unknown to it);
 - ``floor``: the truth-corrected volume's figure (one speckle draw), and
   ``E[floor]`` with its range over 16 fresh draws
   (:func:`accuracy_synth.speckle_floor_draws`).
@@ -38,15 +40,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from accuracy_synth import load_stack, read, speckle_floor_draws, step_rms
+from accuracy_synth import load_stack, log_ratio_profile, read, speckle_floor_draws, step_rms
 
 from octn4.bspline import BSplineField
 from octn4.defaults import GAINS
 from octn4.gains import solve_gains, touching_step
-
-
-def _blocks_median(p, a, b):
-    return float(np.median(p[a:b]))
+from octn4.metrics import boundary_steps
 
 
 def analyse(stack: Path, out: Path) -> dict:
@@ -62,13 +61,12 @@ def analyse(stack: Path, out: Path) -> dict:
         gains[z0:z1] = d["gain_log"]
     log_glob = BSplineField.from_dict(f["global"]).evaluate(np.arange(nz))
     mask = read(out / "mask.ome.zarr") > 0
-    # per-plane median of log(section-corrected / clean), global field removed, no gains
-    resid = np.log(s["volume"]) - log_sec - log_glob - np.log(clean)
-    prof = np.array([np.median(resid[z][t[z]]) for z in range(nz)])
+    # the step figure's profile for the run's fields without gains (a gain is a constant per section)
+    prof = log_ratio_profile(s["volume"] / np.exp(log_sec + log_glob), clean, t)
     err = log_sec + log_glob - np.log(s["truth_bias"])
     mean_err = np.array([err[z][t[z]].mean() for z in range(nz)])
     sd_err = np.array([err[z][t[z]].std() for z in range(nz)])
-    del resid, err
+    del err
     mid = [(a + b) // 2 for a, b in bounds]
     lateral = np.array([(sd_err[a:a + 2].mean(), sd_err[m - 1:m + 1].mean(), sd_err[b - 2:b].mean())
                         for (a, b), m in zip(bounds, mid)]).mean(0)
@@ -80,17 +78,15 @@ def analyse(stack: Path, out: Path) -> dict:
             lg[a:b] = g
         return step_rms(prof - lg, bounds)
 
-    oracle, boundaries = [], []
-    for (a0, a1), (b0, b1) in zip(bounds[:-1], bounds[1:]):
-        k_a, k_b = min(3, a1 - a0), min(3, b1 - b0)
-        d_oracle = -(_blocks_median(mean_err, b0, b0 + k_b) - _blocks_median(mean_err, a1 - k_a, a1))
-        oracle.append(d_oracle)
-        anat, _ = touching_step(clean[a1 - 1], clean[b0], mask[a1 - 1], mask[b0], sigma=GAINS.smoothing_px,
+    # the oracle's step in the corrected volume cancels the error's step between the figure's blocks
+    oracle = [-d for d in boundary_steps(mean_err, bounds)]
+    boundaries = []
+    for (_, z), d_oracle in zip(bounds[:-1], oracle):          # sections are contiguous: s+1 starts at z
+        anat, _ = touching_step(clean[z - 1], clean[z], mask[z - 1], mask[z], sigma=GAINS.smoothing_px,
                                 min_shared=GAINS.min_shared)
-        boundaries.append({"z": a1, "run_step": float(gains[b0] - gains[a1 - 1]), "oracle_step": d_oracle,
+        boundaries.append({"z": z, "run_step": float(gains[z] - gains[z - 1]), "oracle_step": d_oracle,
                            "anatomy": anat})
-    floor = step_rms(np.array([np.median(np.log(s["volume"][z][t[z]] / s["truth_bias"][z][t[z]] / clean[z][t[z]]))
-                               for z in range(nz)]), bounds)
+    floor = step_rms(log_ratio_profile(s["volume"] / s["truth_bias"], clean, t), bounds)
     draws = speckle_floor_draws(t, bounds, s["looks"])
     return {"run": step_with([d["gain_log"] for d in f["sections"]]),
             "oracle": step_with(solve_gains(oracle, weights)), "floor": floor,
