@@ -31,7 +31,10 @@ DEFAULT_VARIANTS = {
     "default": "",
     "reference mask": "--mask-method reference",
     "subsample": "--shrink-mode subsample --global-shrink-mode subsample",
-    "no depth line": "--no-depth-line",
+    "no depth model": "--depth-model none",
+    "depth line": "--depth-model none --depth-line",
+    "no anchor": "--gain-anchor none",
+    "previous": "--depth-model none --depth-line --gain-anchor none",
     "no gains": "--no-gains",
     "planes gains": "--gain-estimator planes",
     "1 voxel/cp": "--fit-voxels-per-control-point 1",
@@ -51,7 +54,7 @@ def main(argv=None):
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                    help="a variant (repeatable); default: each of octn4's defaults undone, and schedule variants")
     a = p.parse_args(argv)
-    from accuracy_synth import evaluate, load_stack, truth_row
+    from accuracy_synth import evaluate, load_stack, section_args, truth_row
 
     from octn4.cli import main as octn4
 
@@ -59,20 +62,20 @@ def main(argv=None):
     stacks = sorted(a.work.glob(a.stacks))
     if not stacks:
         raise SystemExit(f"no stacks in {a.work}: run accuracy_synth.py --work {a.work} first")
-    print(f"{'stack':>22} {'variant':>16} {'error':>7} {'betw':>6} {'step':>7} {'/floor':>6} {'slope':>6} "
-          f"{'contrast':>8} {'recall':>6} {'time':>5}")
+    print(f"{'stack':>30} {'variant':>16} {'error':>7} {'betw':>6} {'worst':>6} {'step':>7} {'/floor':>6} "
+          f"{'slope':>6} {'contrast':>8} {'recall':>6} {'time':>5}")
     for stack in stacks:
         s = load_stack(stack)
         floor = truth_row(s)["step"]
         for name, options in variants.items():
             out = a.work / "variants" / f"{stack.name}_{name.replace(' ', '_')}"
             t0 = time.perf_counter()
-            rc = octn4(["run", str(stack / "volume.ome.zarr"), str(out), "--sections", str(len(s["bounds"])),
+            rc = octn4(["run", str(stack / "volume.ome.zarr"), str(out), *section_args(s),
                         "--workers", "2", "--overwrite", "-q", "--engine", "octn4", *shlex.split(options)])
             if rc:
                 raise SystemExit(rc)
             m = evaluate(s, out)
-            print(f"{stack.name:>22} {name:>16} {m['err']:7.3f} {m['between']:6.3f} {m['step']:7.3f} "
+            print(f"{stack.name:>30} {name:>16} {m['err']:7.3f} {m['between']:6.3f} {m['worst']:6.3f} {m['step']:7.3f} "
                   f"{m['step'] / floor:5.1f}x "
                   f"{m['slope']:6.3f} {m['contrast']:8.2f} {m['recall']:6.2f} "
                   f"{time.perf_counter() - t0:4.0f}s", flush=True)

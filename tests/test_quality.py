@@ -273,7 +273,8 @@ def test_streamed_depth_mask_equals_the_in_memory_one(strong_stack):
 #: so the comparison runs in seconds; benchmarks/accuracy_synth.py runs it with SimpleITK.
 REFERENCE = ["--engine", "octn4", "--itk-parity", "--no-gains", "--mask-method", "reference",
              "--shrink-mode", "subsample", "--iterations", "50,50,50,50", "--convergence", "0.001",
-             "--control-point-rule", "reference", "--no-depth-line", "--global-shrink-mode", "subsample",
+             "--control-point-rule", "reference", "--no-depth-line", "--depth-model", "none",
+             "--global-shrink-mode", "subsample",
              "--global-iterations", "50,50,50,50", "--global-convergence", "0.001",
              "--global-control-point-rule", "reference"]
 

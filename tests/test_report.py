@@ -40,7 +40,10 @@ def test_run_writes_the_report(run_dir):
     assert "per section: mean, shrink" in page
     assert "section: fit-grid (2 fit voxel(s) per control point), 2 level(s) asked" in page
     assert html.escape('"estimator": "touching"') in page     # the gain estimator, in the parameters row
-    assert page.count("shared tissue px") == 2 and "depth line (log/mm)" in page
+    assert page.count("shared tissue px") == 2 and "depth model range (log) / line (log/mm)" in page
+    assert page.count(" (curve)</td>") == 3                   # each section's depth profile, by its range
+    assert "depth model curve (spans auto, prior 0.01)" in page
+    assert html.escape('"anchor": "histogram"') in page       # the gain anchor, in the parameters row
     mqc = (rep / "octn4_mqc.tsv").read_text().splitlines()
     assert mqc[0] == "# id: 'octn4'" and mqc[4].startswith("Sample\tsections\t") and mqc[5].startswith("brain01\t3\t")
 

@@ -120,12 +120,17 @@ class BSplineField:
     order : int
     shape : (Z, Y, X) full-resolution grid the maps refer to
     maps : three :class:`AxisMap` (z, y, x)
+    z_profile : (Z,) float64 ndarray or None
+        A log depth profile added to every plane (one value per
+        full-resolution plane): the depth model the fit divided out first
+        (:mod:`octn4.depth`).  ``None``: none.
     """
 
     coeffs: np.ndarray
     order: int
     shape: tuple[int, int, int]
     maps: tuple[AxisMap, AxisMap, AxisMap]
+    z_profile: np.ndarray | None = None
 
     def basis(self, axis: int, index) -> np.ndarray:
         m = self.coeffs.shape[axis]
@@ -145,7 +150,11 @@ class BSplineField:
         a = xp.tensordot(bz, phi, axes=([1], [0]))             # (nz, my, mx)
         a = xp.tensordot(by, a, axes=([1], [1]))               # (ny, nz, mx)
         a = xp.astype(xp.permute_dims(a, (1, 0, 2)), xp.float32)
-        return xp.matmul(a, xp.astype(xp.permute_dims(bx, (1, 0)), xp.float32))   # (nz, ny, nx)
+        out = xp.matmul(a, xp.astype(xp.permute_dims(bx, (1, 0)), xp.float32))   # (nz, ny, nx)
+        if self.z_profile is not None:
+            prof = xp.asarray(np.asarray(self.z_profile, np.float32)[idx[0]])
+            out = out + prof[:, None, None]
+        return out
 
     def plus_depth_line(self, slope: float, intercept: float = 0.0) -> BSplineField:
         """This field plus ``slope * z + intercept`` (``z`` the full-resolution plane index), exactly.
@@ -160,7 +169,14 @@ class BSplineField:
         a = slope / zmap.scale
         b = intercept - a * zmap.offset
         c = a * (np.arange(self.coeffs.shape[0]) - (self.order - 1) / 2) + b
-        return BSplineField(self.coeffs + c[:, None, None], self.order, self.shape, self.maps)
+        return BSplineField(self.coeffs + c[:, None, None], self.order, self.shape, self.maps, self.z_profile)
+
+    def with_z_profile(self, profile) -> BSplineField:
+        """This lattice with ``profile`` (one log value per full-resolution plane) as its depth profile."""
+        profile = None if profile is None else np.asarray(profile, np.float64)
+        if profile is not None and profile.shape != (self.shape[0],):
+            raise ValueError(f"a depth profile needs {self.shape[0]} values; got {profile.shape}")
+        return BSplineField(self.coeffs, self.order, self.shape, self.maps, profile)
 
     def to_dict(self) -> dict:
         return {
@@ -168,11 +184,13 @@ class BSplineField:
             "shape": list(self.shape),
             "maps": [{"scale": m.scale, "offset": m.offset, "spans": m.spans, "eps": m.eps} for m in self.maps],
             "coeffs": np.asarray(self.coeffs, dtype=np.float64).tolist(),
+            "z_profile": None if self.z_profile is None else np.asarray(self.z_profile, np.float64).tolist(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> BSplineField:
         maps = tuple(AxisMap(float(m["scale"]), float(m["offset"]), int(m["spans"]), float(m["eps"]))
                      for m in d["maps"])
+        prof = d.get("z_profile")
         return cls(np.asarray(d["coeffs"], dtype=np.float64), int(d["order"]),
-                   tuple(int(n) for n in d["shape"]), maps)
+                   tuple(int(n) for n in d["shape"]), maps, None if prof is None else np.asarray(prof, np.float64))

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from . import __version__, defaults
 from ._backend import DEVICES
+from .depth import DEPTH_MODELS
 from .errors import InputError
-from .gains import GAIN_ESTIMATORS, GainParams
+from .gains import GAIN_ANCHORS, GAIN_ESTIMATORS, GainParams
 from .mask import MASK_METHODS, MaskParams
 from .n4 import CONTROL_POINT_RULES, ENGINES, N4Params
 from .sections import parse_planes
 from .shrink import SHRINK_MODES
+from .synth import EXTENTS, PROFILES
 
 __all__ = ["main", "build_parser", "add_section_args", "add_mask_args", "add_n4_args", "add_engine_args", "guarded"]
 
@@ -129,6 +131,17 @@ def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, title="N4") -> 
                         f"against Z) before N4 and add it to the field (default {'on' if d.depth_line else 'off'})")
     g.add_argument(f"--{prefix}convergence", type=float, default=d.convergence_threshold,
                    help=f"convergence threshold (default {d.convergence_threshold:g})")
+    if not prefix:
+        g.add_argument("--depth-model", choices=DEPTH_MODELS, default=d.depth_model,
+                       help="'curve': divide each section's depth profile (one stack-wide curve in depth below the "
+                            "cut plus a per-section deviation shrunk towards it, from the mask stage's per-plane "
+                            f"statistics) out before N4; 'none': N4 alone or --depth-line (default {d.depth_model})")
+        g.add_argument("--depth-spans", type=int, default=d.depth_spans, metavar="K",
+                       help="the depth curve's B-spline spans over the thickest section (default 0: one per 4 "
+                            "planes of the thinnest section, 1 to 6)")
+        g.add_argument("--depth-prior", type=float, default=d.depth_prior,
+                       help="ridge weight of each per-section deviation coefficient, in full planes "
+                            f"(default {d.depth_prior:g}); larger keeps sections closer to the stack curve")
 
 
 def n4_params(a, prefix: str = "") -> N4Params:
@@ -142,6 +155,8 @@ def n4_params(a, prefix: str = "") -> N4Params:
                     control_point_rule=getattr(a, f"{k}control_point_rule"),
                     fit_voxels_per_control_point=getattr(a, f"{k}fit_voxels_per_control_point"),
                     depth_line=getattr(a, f"{k}depth_line"),
+                    **({} if prefix else dict(depth_model=a.depth_model, depth_spans=a.depth_spans,
+                                              depth_prior=a.depth_prior)),
                     parity=getattr(a, "itk_parity", False))
 
 
@@ -176,11 +191,20 @@ def add_gain_args(p: argparse.ArgumentParser) -> None:
                    help=f"'planes': planes on each side of a boundary (default {d.boundary_planes})")
     g.add_argument("--gain-min-shared", type=int, default=d.min_shared,
                    help="shared tissue pixels below which a boundary is bridged")
+    g.add_argument("--gain-anchor", choices=GAIN_ANCHORS, default=d.anchor,
+                   help="'histogram': correct the chained gains' slow drift by aligning each section's histogram "
+                        f"of corrected log intensities with the others'; 'none': the chain alone (default {d.anchor})")
+    g.add_argument("--gain-anchor-range", type=float, default=d.anchor_range, metavar="LOG",
+                   help=f"'histogram': largest histogram offset searched, log (default {d.anchor_range:g})")
+    g.add_argument("--gain-anchor-sections", type=int, default=d.anchor_sections, metavar="N",
+                   help="'histogram': the drift correction is a line up to N sections, a spline with one span "
+                        f"per N sections beyond (default {d.anchor_sections})")
 
 
 def gain_params(a) -> GainParams:
     return GainParams(enabled=not a.no_gains, estimator=a.gain_estimator, smoothing_px=a.gain_smoothing,
-                      boundary_planes=a.gain_planes, min_shared=a.gain_min_shared)
+                      boundary_planes=a.gain_planes, min_shared=a.gain_min_shared, anchor=a.gain_anchor,
+                      anchor_range=a.gain_anchor_range, anchor_sections=a.gain_anchor_sections)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -235,11 +259,18 @@ def _cmd_run(a) -> None:
 def _cmd_synth(a) -> None:
     from .synth import SynthParams, synth_stack
 
-    params = SynthParams(shape=a.shape, n_sections=a.sections, seed=a.seed,
-                         voxel_size=a.voxel_size or SynthParams().voxel_size, anatomy=a.anatomy)
+    if a.sections is None and a.planes is None:
+        a.sections = 4
+
+    d = SynthParams()
+    params = SynthParams(shape=a.shape, n_sections=a.sections or len(a.planes), seed=a.seed,
+                         planes=None if a.planes is None else tuple(a.planes),
+                         voxel_size=a.voxel_size or d.voxel_size, anatomy=a.anatomy, profile=a.profile,
+                         extent=a.extent, gain_sigma=d.gain_sigma if a.gain_sigma is None else a.gain_sigma,
+                         damaged_section=a.damaged_section)
     out = synth_stack(a.out, params, overwrite=a.overwrite)
-    print(f"octn4: wrote {out}/volume.ome.zarr (shape {tuple(a.shape)}, {a.sections} sections) "
-          "with truth_bias, clean and labels beside it")
+    print(f"octn4: wrote {out}/volume.ome.zarr (shape {tuple(a.shape)}, {params.n_sections} sections, "
+          f"{a.profile} depth profile) with truth_bias, clean and labels beside it")
 
 
 def _cmd_report(a) -> None:
@@ -288,12 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic serial-OCT stack with its known bias")
     s.add_argument("out", type=Path, help="output folder")
-    s.add_argument("--sections", type=int, default=4)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--sections", type=int, default=None, help="number of equal sections (default 4)")
+    g.add_argument("--planes", type=parse_planes, metavar="A,B,...", help="Z planes of each section (unequal)")
     s.add_argument("--shape", type=_shape, default=(96, 192, 192), metavar="Z,Y,X")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--voxel-size", type=_floats(3), default=None, metavar="Z,Y,X", help="mm (default 0.05)")
     s.add_argument("--anatomy", choices=("phantom", "mni152"), default="phantom",
-                   help="generated tissue, or a block of the MNI152 brain (fetched once from the nilearn wheel)")
+                   help="generated tissue, or the MNI152 brain (fetched once from the nilearn wheel)")
+    s.add_argument("--profile", choices=PROFILES, default="beer-lambert",
+                   help="depth profile in each section: attenuation only, the confocal gate times attenuation, "
+                        "tissue-dependent attenuation (white matter steeper), or confocal and tissue ('oct')")
+    s.add_argument("--extent", choices=EXTENTS, default="block",
+                   help="a block from inside the brain, or the whole brain from its first cap to its last")
+    s.add_argument("--gain-sigma", type=float, default=None, help="SD of the section gains (log; default 0.2)")
+    s.add_argument("--damaged-section", type=int, default=None, metavar="I",
+                   help="section I keeps its tissue only in a small disc (about 5 %% of the plane)")
     add_common_args(s)
     s.set_defaults(fn=_cmd_synth)
     return p

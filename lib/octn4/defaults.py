@@ -19,20 +19,22 @@ __all__ = ["MASK", "SECTION_N4", "GLOBAL_N4", "GAINS", "REFERENCE_SECTION_N4", "
 #: Tissue mask: per-plane log-Otsu thresholds on a robust depth line per section.
 MASK = MaskParams(method="depth")
 
-#: N4 per section: the depth line divided out first, two levels of 100 iterations (the iteration count, not
-#: the CV test, ends each level), tissue block means, and a lattice kept within the fit grid with at least two
-#: fit voxels per control point along each axis (a thin section's Z axis is shrunk less).
+#: N4 per section: the depth model (a stack-wide depth curve plus per-section deviations, octn4.depth)
+#: divided out first, two levels of 100 iterations (the iteration count, not the CV test, ends each level),
+#: tissue block means, and a lattice kept within the fit grid with at least two fit voxels per control point
+#: along each axis (a thin section's Z axis is shrunk less).
 SECTION_N4 = N4Params(maximum_number_of_iterations=(100, 100), convergence_threshold=1e-5,
                       shrink_mode="mean", control_point_rule="fit-grid", fit_voxels_per_control_point=2,
-                      depth_line=True)
+                      depth_model="curve")
 
 #: Global N4 over the re-assembled stack: one level (a single B-spline span per axis at the reference
 #: spacing), for drift across the stack, on a fit grid of about 1.5 M voxels.
 GLOBAL_N4 = N4Params(maximum_number_of_iterations=(100,), convergence_threshold=1e-5, shrink_factor=None,
                      shrink_mode="mean", control_point_rule="fit-grid")
 
-#: Section gains: each boundary's step from the two planes that touch it (per-pixel log ratios, smoothed).
-GAINS = GainParams(estimator="touching")
+#: Section gains: each boundary's step from the two planes that touch it (per-pixel log ratios, smoothed),
+#: chained, then anchored against drift by the sections' histograms.
+GAINS = GainParams(estimator="touching", anchor="histogram")
 
 #: The reference recipe (SPEC.md): ITK defaults, subsampling, per-section Otsu.
 REFERENCE_MASK = MaskParams()

@@ -26,6 +26,24 @@ level is kept).  A boundary with fewer than ``min_shared`` shared tissue
 pixels gives no measurement: it is *bridged* with a weak ``g_{s+1} = g_s``
 prior instead of a guess, and reported as such.  Section ``s`` is then
 divided by ``exp(g_s)``.
+
+Boundary steps are precise but local: a systematic error at the section
+ends (the same at every boundary) is integrated by the chain into a ramp.
+So the chained gains are then *anchored* (``anchor='histogram'``, octn4's
+default): each section task also records the histogram of its
+section-corrected log intensities (on its fit grid of tissue block means,
+where speckle is averaged down), and after the chain each section's
+histogram is aligned, by cross-correlation within ``+-anchor_range``, with
+the pooled histogram of all the others (:func:`histogram_offsets`).  Those
+offsets are whole-section, globally anchored measurements; they are
+composition-robust (a peak is matched to the same peak) but less precise
+than the steps, so only their slow part is used: a robust fit of the
+offsets against the sections' depth, a straight line for up to
+``anchor_sections`` sections and a cubic B-spline with one span per
+``anchor_sections`` sections beyond (:func:`drift_correction`), is added to
+the chained gains.  The chain then decides every boundary's step and the
+histograms decide the drift: gains cannot drift further than the
+histograms allow.
 """
 
 from __future__ import annotations
@@ -35,7 +53,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["GAIN_ESTIMATORS", "GainParams", "boundary_steps_from_data", "solve_gains", "touching_step"]
+__all__ = ["GAIN_ESTIMATORS", "GAIN_ANCHORS", "GainParams", "boundary_steps_from_data", "solve_gains",
+           "touching_step", "log_histogram", "histogram_offsets", "drift_correction", "HIST_BIN"]
 
 #: Weight of the no-jump prior on a bridged boundary, relative to a measured one.
 BRIDGE_WEIGHT = 1e-3
@@ -43,6 +62,12 @@ BRIDGE_WEIGHT = 1e-3
 
 #: How a boundary's step is measured (see the module docstring).
 GAIN_ESTIMATORS = ("touching", "planes")
+
+#: What anchors the chained gains against drift: the sections' histograms, or nothing.
+GAIN_ANCHORS = ("histogram", "none")
+
+#: Bin width (log intensity) of the section histograms.
+HIST_BIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -52,10 +77,18 @@ class GainParams:
     smoothing_px: float = 8.0     # 'touching': Gaussian sigma (pixels) applied to each touching plane
     boundary_planes: int = 3      # 'planes': k planes on each side of a boundary
     min_shared: int = 200         # shared tissue pixels below which a boundary is bridged
+    anchor: str = "none"          # 'histogram' or 'none'
+    anchor_range: float = 0.3     # 'histogram': largest offset searched (log)
+    anchor_sections: int = 8      # 'histogram': sections per span of the drift correction
 
     def __post_init__(self):
         if self.estimator not in GAIN_ESTIMATORS:
             raise ValueError(f"gain estimator must be one of {GAIN_ESTIMATORS}; got {self.estimator!r}")
+        if self.anchor not in GAIN_ANCHORS:
+            raise ValueError(f"gain anchor must be one of {GAIN_ANCHORS}; got {self.anchor!r}")
+        if not self.anchor_range > 0 or self.anchor_sections < 2:
+            raise ValueError(f"anchor range must be > 0 and anchor sections >= 2; got {self.anchor_range}, "
+                             f"{self.anchor_sections}")
         if not self.smoothing_px >= 0:
             raise ValueError(f"smoothing_px must be >= 0; got {self.smoothing_px}")
         if self.boundary_planes < 1:
@@ -126,3 +159,117 @@ def solve_gains(steps, tissue_voxels) -> np.ndarray:
     sw = np.sqrt(np.asarray(w + [1.0]))
     g, *_ = np.linalg.lstsq(a * sw[:, None], b * sw, rcond=None)
     return g
+
+
+def log_histogram(log_values) -> dict:
+    """A histogram of log intensities on the fixed grid of :data:`HIST_BIN` (JSON-ready, a few kB)."""
+    v = np.asarray(log_values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"first_bin": 0, "width": HIST_BIN, "counts": []}
+    idx = np.floor(v / HIST_BIN).astype(np.int64)
+    lo = int(idx.min())
+    return {"first_bin": lo, "width": HIST_BIN, "counts": np.bincount(idx - lo).astype(int).tolist()}
+
+
+def _dense(hists, sigma_bins: float = 2.0):
+    """The histograms on one common bin grid, each normalised and smoothed: ``(first_bin, (S, bins))``."""
+    used = [h for h in hists if h and h["counts"]]
+    lo = min(h["first_bin"] for h in used)
+    hi = max(h["first_bin"] + len(h["counts"]) for h in used)
+    pad = 64
+    out = np.zeros((len(hists), hi - lo + 2 * pad))
+    for i, h in enumerate(hists):
+        if h and h["counts"]:
+            c = np.asarray(h["counts"], np.float64)
+            out[i, h["first_bin"] - lo + pad:h["first_bin"] - lo + pad + c.size] = c / c.sum()
+    return lo - pad, ndi.gaussian_filter1d(out, sigma_bins, axis=1, mode="constant")
+
+
+def _shift(row: np.ndarray, bins: float) -> np.ndarray:
+    """``row`` moved by ``bins`` (fractional, linear interpolation; zeros come in)."""
+    x = np.arange(row.size)
+    return np.interp(x - bins, x, row, left=0.0, right=0.0)
+
+
+def histogram_offsets(hists, gains, *, max_offset: float = 0.3, passes: int = 3) -> np.ndarray:
+    """Log offset of each section's histogram (after dividing by ``exp(gains)``) from the others' pool.
+
+    Positive: the section is brighter than the rest.  Each section is
+    cross-correlated with the pooled histogram of all the other sections
+    (each shifted by its gain and current offset) within ``+-max_offset``,
+    with a parabola through the peak for the sub-bin part; ``passes``
+    rounds re-pool with the offsets found.  Sections without a histogram
+    get NaN.
+    """
+    n = len(hists)
+    offsets = np.full(n, np.nan)
+    have = [i for i, h in enumerate(hists) if h and h["counts"] and sum(h["counts"]) > 0]
+    if len(have) < 2:
+        return offsets
+    _, dense = _dense(hists)
+    g = np.asarray(gains, np.float64) / HIST_BIN
+    cur = np.zeros(n)
+    m = int(np.ceil(max_offset / HIST_BIN))
+    for _ in range(passes):
+        moved = np.array([_shift(dense[i], -(g[i] + cur[i])) if i in have else np.zeros(dense.shape[1])
+                          for i in range(n)])
+        pool = moved.sum(axis=0)
+        new = cur.copy()
+        for i in have:
+            ref = pool - moved[i]
+            own = _shift(dense[i], -g[i])
+            lags = np.arange(-m, m + 1)
+            score = np.array([np.dot(_shift(own, -k), ref) for k in lags])
+            j = int(np.argmax(score))
+            frac = 0.0
+            if 0 < j < len(lags) - 1:
+                a, b, c = score[j - 1], score[j], score[j + 1]
+                den = a - 2 * b + c
+                frac = 0.5 * (a - c) / den if den < 0 else 0.0
+            new[i] = lags[j] + frac
+        if np.allclose(new, cur, atol=1e-3):
+            cur = new
+            break
+        cur = new
+    offsets[have] = cur[have] * HIST_BIN
+    return offsets
+
+
+def drift_correction(offsets, centres, weights, *, sections_per_span: int = 8, iterations: int = 10) -> np.ndarray:
+    """The slow part of the histogram offsets, as a log gain correction per section (tissue-weighted mean 0).
+
+    A Huber-weighted least-squares fit of ``offsets`` against the sections'
+    centres: a straight line for up to ``sections_per_span`` sections, a
+    cubic B-spline with ``len / sections_per_span`` spans beyond.  Sections
+    without an offset (NaN) take the fitted curve.
+    """
+    from .bspline import basis_matrix
+
+    o = np.asarray(offsets, np.float64)
+    c = np.asarray(centres, np.float64)
+    w = np.asarray(weights, np.float64)
+    n = o.size
+    ok = np.isfinite(o) & (w > 0)
+    if ok.sum() < 3:
+        return np.zeros(n)
+    t = (c - c.min()) / max(c.max() - c.min(), 1e-12)
+    spans = n // sections_per_span
+    if spans <= 1:
+        basis = np.stack([np.ones(n), t - 0.5], axis=1)
+    else:
+        basis = basis_matrix(t * spans, spans + 3, 3)
+    wt = w / w[ok].max()
+    robust = np.ones(n)
+    coef = np.zeros(basis.shape[1])
+    for _ in range(iterations):
+        ww = np.where(ok, wt * robust, 0.0)
+        a = basis * np.sqrt(ww)[:, None]
+        coef, *_ = np.linalg.lstsq(a, np.where(ok, o, 0.0) * np.sqrt(ww), rcond=None)
+        r = np.where(ok, o - basis @ coef, 0.0)
+        sigma = 1.4826 * float(np.median(np.abs(r[ok])))
+        if sigma <= 0:
+            break
+        robust = np.minimum(1.0, 2.5 * sigma / np.maximum(np.abs(r), 1e-300))
+    corr = basis @ coef
+    return corr - np.average(corr, weights=np.where(w > 0, w, 0) if w.sum() > 0 else None)

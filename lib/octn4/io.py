@@ -561,7 +561,7 @@ def create_writer(path, shape, voxel_size, **kwargs):
 
 
 def read_attrs(path) -> dict:
-    """The ``octn4`` provenance stored with an output (zarr attrs or NIfTI sidecar)."""
+    """The ``octn4`` provenance stored with an output (zarr attrs or NIfTI sidecar; {} when there is none)."""
     p = Path(path)
     if is_nifti(p):
         name = p.name
@@ -569,4 +569,5 @@ def read_attrs(path) -> dict:
         return json.loads(side.with_suffix(".json").read_text()).get("octn4", {})
     import zarr
 
-    return dict(zarr.open_group(str(p), mode="r").attrs).get("octn4", {})
+    node = zarr.open(str(p), mode="r")            # an OME-Zarr group, or a bare array (an ingested copy)
+    return dict(node.attrs).get("octn4", {})

@@ -324,13 +324,18 @@ def plane_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams()
 
 
 def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = MaskParams(), xp=np,
-                      slab: int = 16, progress=None) -> np.ndarray:
+                      slab: int = 16, progress=None, plane_stats=None) -> np.ndarray:
     """Compute the tissue mask in Z slabs and write it with ``writer.write(z0, block)``.
 
     Holds ``slab`` planes plus a halo of ``4*sigma_z + 2k`` planes on each
     side at a time, whatever the section thickness; the result equals
     :func:`tissue_mask` on the whole volume.  Returns the per-plane
     thresholds (:func:`plane_thresholds`; ``-inf`` marks all tissue).
+    ``plane_stats(z0, planes, tissue)``, when given, is called with every
+    slab's raw planes and their tissue by intensity (mask voxels whose
+    smoothed value is above the plane's threshold, so the agarose that the
+    closings bring in does not count; NumPy), so per-plane statistics cost
+    no second read.
     """
     thr_of_plane = plane_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
     depth = volume_reader.shape[0]
@@ -342,11 +347,17 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
             c1 = min(z1, c0 + slab)
             m0, m1 = max(0, c0 - 2 * k), min(depth, c1 + 2 * k)     # binary planes needed
             r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
-            sm = _smooth(xp.asarray(volume_reader.read(r0, r1)), params)[m0 - r0:m1 - r0]
-            m = _planewise(sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None], params)
+            raw = volume_reader.read(r0, r1)
+            sm = _smooth(xp.asarray(raw), params)[m0 - r0:m1 - r0]
+            above = sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None]
+            m = _planewise(above, params)
             if multi:
                 m = _z_closing(m, params)
-            writer.write(c0, to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8))
+            block = to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8)
+            writer.write(c0, block)
+            if plane_stats is not None:   # tissue by intensity: the closings' agarose does not count
+                plane_stats(c0, np.asarray(raw[c0 - r0:c1 - r0]),
+                            (block > 0) & to_numpy(above[c0 - m0:c1 - m0]))
         if progress is not None:
             progress(i)
     return thr_of_plane

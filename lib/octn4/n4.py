@@ -122,6 +122,16 @@ class N4Params:
         per-section fits, where N4's slow, small updates otherwise leave part
         of a strong attenuation that the section gains then chain into a
         ramp across the stack.
+    depth_model : 'none' or 'curve'
+        Per-section fits only: 'curve' divides each section's depth profile
+        out before N4 (one stack-wide curve in depth below the cut plus a
+        per-section deviation shrunk towards it, fitted to the per-plane
+        statistics the mask stage records; :mod:`octn4.depth`) and stores
+        it with the field.
+    depth_spans, depth_prior : int, float
+        The curve's B-spline spans over the thickest section (0: one per 4
+        planes of the thinnest, 1 to 6) and the ridge weight of each
+        deviation coefficient, in full planes.
     """
 
     maximum_number_of_iterations: tuple[int, ...] = (50, 50, 50, 50)
@@ -140,8 +150,18 @@ class N4Params:
     control_point_rule: str = "reference"
     fit_voxels_per_control_point: int = 1
     depth_line: bool = False
+    depth_model: str = "none"
+    depth_spans: int = 0
+    depth_prior: float = 0.01
 
     def __post_init__(self):
+        from .depth import DEPTH_MODELS
+
+        if self.depth_model not in DEPTH_MODELS:
+            raise ValueError(f"depth model must be one of {DEPTH_MODELS}; got {self.depth_model!r}")
+        if self.depth_spans < 0 or not self.depth_prior > 0:
+            raise ValueError(f"depth spans must be >= 0 and depth prior > 0; got {self.depth_spans}, "
+                             f"{self.depth_prior}")
         its = tuple(int(i) for i in self.maximum_number_of_iterations)
         if not its or any(i < 1 for i in its):
             raise ValueError(f"maximum_number_of_iterations must be positive integers; got {its}")
@@ -308,6 +328,7 @@ class FitResult:
     device: str = "cpu"
     batch_size: int = 1                         # members fitted together (octn4 engine)
     depth_slope_per_mm: float | None = None     # the depth line divided out before N4 (log per mm)
+    depth_profile_range: float | None = None    # the depth model's profile divided out before N4 (log, max - min)
 
     def summary(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "field"}

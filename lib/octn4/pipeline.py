@@ -46,8 +46,17 @@ import numpy as np
 from . import __version__, defaults
 from ._backend import DEVICES
 from .bspline import BSplineField, shrink_grid
+from .depth import fit_depth_profiles, plane_log_medians
 from .errors import InputError
-from .gains import GainParams, boundary_steps_from_data, solve_gains, touching_step
+from .gains import (
+    GainParams,
+    boundary_steps_from_data,
+    drift_correction,
+    histogram_offsets,
+    log_histogram,
+    solve_gains,
+    touching_step,
+)
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
 from .mask import MaskParams, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
@@ -213,23 +222,50 @@ def _open_mask(path, vol: Volume) -> Volume:
     return m
 
 
+class _PlaneStatsRecorder:
+    """Per-plane median log tissue intensity and tissue pixels, for the depth model (:mod:`octn4.depth`)."""
+
+    def __init__(self, depth: int):
+        self.log_median = np.full(depth, np.nan)
+        self.pixels = np.zeros(depth, np.int64)
+
+    def __call__(self, z0: int, planes, mask) -> None:
+        med, n = plane_log_medians(planes, mask)
+        self.log_median[z0:z0 + len(med)] = med
+        self.pixels[z0:z0 + len(n)] = n
+
+    def store(self, attrs: dict) -> None:
+        attrs["plane_log_median"] = [None if not math.isfinite(v) else float(v) for v in self.log_median]
+        attrs["plane_tissue_pixels"] = [int(v) for v in self.pixels]
+
+
 def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False) -> np.ndarray:
-    """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``."""
+    """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``, with per-plane statistics."""
+    stats = _PlaneStatsRecorder(vol.shape[0])
     with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
                        attrs=attrs, overwrite=overwrite, affine=vol.affine) as w:
         with progress(len(bounds), "tissue mask") as advance:
-            thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance())
+            thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance(),
+                                           plane_stats=stats)
         w.attrs["plane_thresholds"] = [None if not math.isfinite(t) else float(t) for t in thresholds]
+        stats.store(w.attrs)
         w.commit()
     return thresholds
 
 
-def copy_mask(src: Volume, out_path, *, attrs: dict, slab: int = 16) -> None:
-    """Write a user-supplied mask (any non-zero value is tissue) as the run's uint8 mask."""
+def copy_mask(src: Volume, out_path, *, attrs: dict, vol: Volume | None = None, slab: int = 16) -> None:
+    """Write a user-supplied mask (any non-zero value is tissue) as the run's uint8 mask, with the per-plane
+    statistics of ``vol`` under it when given."""
+    stats = _PlaneStatsRecorder(src.shape[0])
     with create_writer(out_path, src.shape, src.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
                        attrs=attrs, affine=src.affine) as w:
         for z0 in range(0, src.shape[0], slab):
-            w.write(z0, (src.read(z0, z0 + slab) != 0).astype(np.uint8))
+            block = (src.read(z0, z0 + slab) != 0).astype(np.uint8)
+            w.write(z0, block)
+            if vol is not None:
+                stats(z0, vol.read(z0, z0 + block.shape[0]), block > 0)
+        if vol is not None:
+            stats.store(w.attrs)
         w.commit()
 
 
@@ -247,19 +283,53 @@ def _section_sampling(vol: Volume, bounds, index: int, params: N4Params):
     return shape, s, z0 + oz + s[0] * np.arange(mz), ys, xs
 
 
-def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Params):
+def section_fit_grid(vol: Volume, msk: Volume, bounds, index: int, params: N4Params, profile=None):
     """The shrunk fit grid of one section, read from its own Z slab only.
 
     Returns ``(shape, shrink, image, mask)``: the section's full-resolution
     shape, the shrink factors, and the fit grid's image and mask
     (``params.shrink_mode``: sampled voxels, or tissue block means read one
-    Z block at a time).
+    Z block at a time).  ``profile`` (one log value per plane of the
+    section), when given, is divided out of the planes first.
     """
     shape, s, zs, ys, xs = _section_sampling(vol, bounds, index, params)
-    if params.shrink_mode == "subsample":
-        return shape, s, vol.read_planes(zs, ys, xs), msk.read_planes(zs, ys, xs) > 0
     z0 = bounds[index][0]
-    return shape, s, *_block_mean_grid(vol, msk, z0 + block_indices(shape[0], s[0]), s)
+    if params.shrink_mode == "subsample":
+        img = vol.read_planes(zs, ys, xs)
+        if profile is not None:
+            img = (img / np.exp(np.asarray(profile)[zs - z0])[:, None, None]).astype(np.float32)
+        return shape, s, img, msk.read_planes(zs, ys, xs) > 0
+    log_field = None if profile is None else (lambda zb: np.asarray(profile, np.float32)[zb - z0][:, None, None])
+    return shape, s, *_block_mean_grid(vol, msk, z0 + block_indices(shape[0], s[0]), s, log_field=log_field)
+
+
+def stack_depth_profile(msk: Volume, bounds, params: N4Params):
+    """The depth model's per-plane log profile of the whole stack (:mod:`octn4.depth`), or None.
+
+    Fitted to the per-plane statistics the mask stage stored with the mask;
+    every section task computes the same profile from them.
+    """
+    if params.depth_model == "none":
+        return None
+    from .io import read_attrs
+
+    attrs = read_attrs(msk.path)
+    med, pix = attrs.get("plane_log_median"), attrs.get("plane_tissue_pixels")
+    if med is None or pix is None or len(med) != msk.shape[0]:
+        raise InputError("the mask has no per-plane statistics for the depth model (it was not made by this "
+                         "octn4's mask stage); remake it, or pass --depth-model none", msk.path)
+    med = np.array([np.nan if v is None else v for v in med], np.float64)
+    fit = fit_depth_profiles(med, np.asarray(pix, np.int64), bounds, spans=params.depth_spans,
+                             prior=params.depth_prior)
+    return fit["profile"]
+
+
+def _with_profile(fit: FitResult, profile) -> FitResult:
+    """Attach the depth model's profile (divided out before the fit) to a section's field."""
+    if profile is not None:
+        fit.field = fit.field.with_z_profile(profile)
+        fit.depth_profile_range = float(np.max(profile) - np.min(profile))
+    return fit
 
 
 def _block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None):
@@ -274,10 +344,31 @@ def _block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None):
     return img, fit
 
 
-def _section_record(bounds, index: int, fit: FitResult) -> dict:
+def _corrected_histogram(vol: Volume, bounds, index: int, params: N4Params, fit: FitResult, grid, grid_mask):
+    """Histogram of the section-corrected log intensities of a fit grid (before the profile is attached).
+
+    ``grid`` is the fit grid the field was fitted on (the profile already
+    divided out), so ``log(grid) - lattice`` is the section-corrected value
+    at each fit voxel; the gains stage aligns these histograms
+    (:func:`octn4.gains.histogram_offsets`).
+    """
+    z0 = bounds[index][0]
+    _, _, zs, ys, xs = _section_sampling(vol, bounds, index, params)
+    iy, ix = np.arange(vol.shape[1])[ys], np.arange(vol.shape[2])[xs]
+    ok = np.asarray(grid_mask, bool) & (np.asarray(grid) > 0)
+    if fit.status != "fitted" or not ok.any():
+        return log_histogram([])
+    lattice = fit.field.evaluate(np.asarray(zs) - z0, iy, ix)
+    return log_histogram(np.log(np.asarray(grid, np.float64)[ok]) - lattice[ok])
+
+
+def _section_record(bounds, index: int, fit: FitResult, histogram=None) -> dict:
     z0, z1 = bounds[index]
-    return {"index": index, "z_start": int(z0), "z_stop": int(z1), "fit": fit.summary(),
-            "field": fit.field.to_dict()}
+    rec = {"index": index, "z_start": int(z0), "z_stop": int(z1), "fit": fit.summary(),
+           "field": fit.field.to_dict()}
+    if histogram is not None:
+        rec["histogram"] = histogram
+    return rec
 
 
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
@@ -289,10 +380,13 @@ def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, 
     """
     vol = open_volume(input_path, voxel_size=voxel_size)
     msk = _open_mask(mask_path, vol)
-    shape, s, sub, sub_mask = section_fit_grid(vol, msk, bounds, index, params)
+    stack = stack_depth_profile(msk, bounds, params)
+    profile = None if stack is None else stack[bounds[index][0]:bounds[index][1]]
+    shape, s, sub, sub_mask = section_fit_grid(vol, msk, bounds, index, params, profile)
     fit = fit_bias(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
                    params=params, threads=threads, engine=engine, device=device)
-    return _section_record(bounds, index, fit)
+    hist = _corrected_histogram(vol, bounds, index, params, fit, sub, sub_mask)
+    return _section_record(bounds, index, _with_profile(fit, profile), hist)
 
 
 def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, batch: int, device: str = "cpu",
@@ -306,14 +400,18 @@ def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, 
     for i, (z0, z1) in enumerate(bounds):
         groups.setdefault((z1 - z0,), []).append(i)
     records = []
+    stack = stack_depth_profile(msk, bounds, params)
+    prof = [None if stack is None else stack[a:b] for a, b in bounds]
     for members in groups.values():
         for k in range(0, len(members), batch):
             chunk = members[k:k + batch]
-            grids = [section_fit_grid(vol, msk, bounds, i, params) for i in chunk]
+            grids = [section_fit_grid(vol, msk, bounds, i, params, prof[i]) for i in chunk]
             shape, s = grids[0][0], grids[0][1]
             fits = fit_bias_batch([g[2] for g in grids], [g[3] for g in grids], full_shape=shape, shrink=s,
                                   voxel_size=vol.voxel_size, params=params, device=device)
-            records += [_section_record(bounds, i, f) for i, f in zip(chunk, fits)]
+            hists = [_corrected_histogram(vol, bounds, i, params, f, g[2], g[3]) for i, f, g in zip(chunk, fits, grids)]
+            records += [_section_record(bounds, i, _with_profile(f, prof[i]), h)
+                        for i, f, h in zip(chunk, fits, hists)]
             if progress_step is not None:
                 progress_step(len(chunk))
     return assemble_sections(records, len(bounds))
@@ -404,11 +502,24 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
         report.append({"z": a1, "step_log": d, "shared_tissue_pixels": n, "bridged": d is None})
     weights = [r["fit"]["fit_voxels"] * math.prod(r["fit"]["shrink"]) for r in records]
     gains = solve_gains(steps, weights)
+    anchor = None
+    if params.anchor == "histogram":
+        hists = [r.get("histogram") for r in records]
+        if all(h is not None for h in hists):
+            offsets = histogram_offsets(hists, gains, max_offset=params.anchor_range)
+            centres = [(r["z_start"] + r["z_stop"]) / 2 for r in records]
+            corr = drift_correction(offsets, centres, weights, sections_per_span=params.anchor_sections)
+            gains = gains + corr
+            anchor = {"offsets_log": [None if not np.isfinite(o) else float(o) for o in offsets],
+                      "correction_log": [float(c) for c in corr]}
+        else:
+            log.warning("gains: section records without histograms (made by an older octn4); gains not anchored")
     for rep in report:
         if rep["bridged"]:
             log.warning("gains: boundary at plane %d shares only %d tissue pixels; bridged (no step assumed)",
                         rep["z"], rep["shared_tissue_pixels"])
-    return [dict(r, gain_log=float(g)) for r, g in zip(records, gains)], report
+    return [dict(r, gain_log=float(g), gain_anchor_log=None if anchor is None else anchor["correction_log"][i])
+            for i, (r, g) in enumerate(zip(records, gains))], report
 
 
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
@@ -488,7 +599,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                       engine=config.engine, device=config.device)
     timings["global_fit"] = time.perf_counter() - t0
     attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
-                 section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0)) for r in records])
+                 section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0),
+                                    gain_anchor_log=r.get("gain_anchor_log")) for r in records])
     t0 = time.perf_counter()
     kw = dict(chunks=CHUNKS, overwrite=config.overwrite, affine=vol.affine)
     with create_writer(outdir / f"corrected{ext}", vol.shape, vol.voxel_size,
@@ -511,7 +623,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
 
 def _metrics(vol, stats, bounds, records, gfit, attrs, timings) -> dict:
     rows = section_summary(stats, bounds, vol.voxel_size,
-                           fits=[dict(r["fit"], gain_log=r.get("gain_log", 0.0)) for r in records])
+                           fits=[dict(r["fit"], gain_log=r.get("gain_log", 0.0),
+                                      gain_anchor_log=r.get("gain_anchor_log")) for r in records])
     summary = {}
     for name in ("before", "after"):
         steps = np.array(boundary_steps(np.log(stats.median[name]), bounds), float)
@@ -588,11 +701,19 @@ def _section_task(args):
 
 
 def _ingest(vol: Volume, path: Path) -> Volume:
-    """Copy a NIfTI input to a plane-chunked Zarr so sections can be read at random."""
+    """Copy a NIfTI input to a plane-chunked Zarr so sections can be read at random (its octn4 attributes too)."""
     import zarr
+
+    from .io import read_attrs
 
     arr = zarr.open_array(str(path), mode="w", shape=vol.shape, chunks=(1,) + vol.shape[1:],
                           dtype=np.float32, zarr_format=3)
+    try:
+        attrs = read_attrs(vol.path)
+    except (OSError, ValueError):
+        attrs = {}
+    if attrs:
+        arr.attrs["octn4"] = attrs
     with progress(vol.shape[0], "reading NIfTI input") as advance:
         for z0 in range(0, vol.shape[0], 16):
             block = vol.read(z0, z0 + 16)
@@ -627,7 +748,7 @@ def run(input_path, outdir, config: RunConfig) -> dict:
         if config.mask_path is None:
             stage_mask(work, bounds, mask_path, params=config.mask, attrs=dict(attrs, output="mask"))
         else:
-            copy_mask(_open_mask(config.mask_path, vol), mask_path, attrs=dict(attrs, output="mask"))
+            copy_mask(_open_mask(config.mask_path, vol), mask_path, attrs=dict(attrs, output="mask"), vol=work)
         timings["mask"] = time.perf_counter() - t0
         msk = open_volume(mask_path, voxel_size=vol.voxel_size)
         if msk.format == "nifti":   # sections read the mask at random: keep a Zarr copy for the run

@@ -189,7 +189,7 @@ def _pair(row, key, digits=3):
 def _section_table(sections) -> str:
     head = ("<tr><th>section</th><th>planes</th><th>tissue</th><th>median</th><th>step to next (log)</th>"
             "<th>depth slope (log/mm)</th><th>CV</th><th>N4 iterations</th><th>final control points (shrink)</th>"
-            "<th>depth line (log/mm)</th><th>gain</th><th>flags</th></tr>")
+            "<th>depth model range (log) / line (log/mm)</th><th>gain (anchor)</th><th>flags</th></tr>")
     rows = []
     for s in sections:
         n4 = s.get("n4", {})
@@ -202,10 +202,23 @@ def _section_table(sections) -> str:
             f"<td>{_pair(s, 'step_to_next', 2)}</td><td>{_pair(s, 'depth_slope_per_mm', 2)}</td>"
             f"<td>{_pair(s, 'cv', 2)}</td><td>{_fmt(n4.get('iterations'))}</td>"
             f"<td>{_fmt(n4.get('final_control_points'))} ({_fmt(n4.get('shrink'))})</td>"
-            f"<td>{_fmt(n4.get('depth_slope_per_mm'), 3)}</td>"
-            f"<td>{_fmt(None if gain is None else math.exp(gain), 3)}</td>"
+            f"<td>{_depth_cell(n4)}</td>"
+            f"<td>{_fmt(None if gain is None else math.exp(gain), 3)}{_anchor_cell(n4)}</td>"
             f"<td>{html.escape(', '.join(flags)) or 'ok'}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _depth_cell(n4) -> str:
+    if n4.get("depth_profile_range") is not None:
+        return f"{_fmt(n4.get('depth_profile_range'), 3)} (curve)"
+    if n4.get("depth_slope_per_mm") is not None:
+        return f"{_fmt(n4.get('depth_slope_per_mm'), 3)} (line)"
+    return "none"
+
+
+def _anchor_cell(n4) -> str:
+    a = n4.get("gain_anchor_log")
+    return "" if a is None else f" ({math.exp(a):.3f})"
 
 
 def _facts_table(metrics) -> str:
@@ -256,7 +269,9 @@ def _control_rule(params) -> str:
         out.append(f"{name.split('_')[0]}: {rule}, "
                    f"{len(d.get('maximum_number_of_iterations') or [])} level(s) asked, spacing "
                    f"{d.get('spline_distance_mm')} mm at level 0"
-                   + (", depth line" if d.get("depth_line") else ""))
+                   + (", depth line" if d.get("depth_line") else "")
+                   + (f", depth model {d.get('depth_model')} (spans {d.get('depth_spans') or 'auto'}, prior "
+                      f"{d.get('depth_prior')})" if d.get("depth_model", "none") != "none" else ""))
     return "; ".join(out) + " (levels used and final control points: per section below)"
 
 
