@@ -127,6 +127,26 @@ def _smooth(volume, params: MaskParams):
     return ndi.gaussian_filter(v, sigma=sig, mode="reflect", truncate=4.0)
 
 
+def above_in_plane(planes: np.ndarray, thresholds, sigma: float) -> np.ndarray:
+    """Tissue by intensity: voxels whose value, smoothed in Y/X only, is above their plane's threshold.
+
+    Unlike the mask, which smooths and closes across planes, this never
+    takes tissue smoothed in from a neighbouring plane (or section), nor the
+    agarose a closing brings in; the rim of about a pixel that the in-plane
+    smoothing spreads into the agarose is eroded away.
+    """
+    from scipy import ndimage as ndi
+
+    v = np.asarray(planes, np.float32)
+    if sigma:
+        v = ndi.gaussian_filter(v, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0)
+    above = v > np.asarray(thresholds, np.float32)[:, None, None]
+    # the smoothing carries tissue about a pixel into the agarose beside it: keep what is a pixel inside
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndi.generate_binary_structure(2, 1)
+    return ndi.binary_erosion(above, structure=cross, border_value=1)
+
+
 def _smoothing_halo(params: MaskParams) -> int:
     return int(4.0 * params.smoothing_sigma_z + 0.5)
 
@@ -332,10 +352,11 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
     :func:`tissue_mask` on the whole volume.  Returns the per-plane
     thresholds (:func:`plane_thresholds`; ``-inf`` marks all tissue).
     ``plane_stats(z0, planes, tissue)``, when given, is called with every
-    slab's raw planes and their tissue by intensity (mask voxels whose
-    smoothed value is above the plane's threshold, so the agarose that the
-    closings bring in does not count; NumPy), so per-plane statistics cost
-    no second read.
+    slab's raw planes and their tissue by intensity (mask voxels whose value,
+    smoothed within its own plane, is above the plane's threshold: neither
+    the agarose that the closings bring in nor tissue smoothed in from a
+    neighbouring section counts; NumPy), so per-plane statistics cost no
+    second read.
     """
     thr_of_plane = plane_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
     depth = volume_reader.shape[0]
@@ -349,15 +370,14 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
             r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
             raw = volume_reader.read(r0, r1)
             sm = _smooth(xp.asarray(raw), params)[m0 - r0:m1 - r0]
-            above = sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None]
-            m = _planewise(above, params)
+            m = _planewise(sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None], params)
             if multi:
                 m = _z_closing(m, params)
             block = to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8)
             writer.write(c0, block)
-            if plane_stats is not None:   # tissue by intensity: the closings' agarose does not count
-                plane_stats(c0, np.asarray(raw[c0 - r0:c1 - r0]),
-                            (block > 0) & to_numpy(above[c0 - m0:c1 - m0]))
+            if plane_stats is not None:
+                own = np.asarray(raw[c0 - r0:c1 - r0])
+                plane_stats(c0, own, (block > 0) & above_in_plane(own, thr_of_plane[c0:c1], params.smoothing_sigma))
         if progress is not None:
             progress(i)
     return thr_of_plane

@@ -58,7 +58,7 @@ from .gains import (
     touching_step,
 )
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
-from .mask import MaskParams, write_tissue_mask
+from .mask import MaskParams, above_in_plane, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
 from .n4 import ENGINES, FitResult, N4Params, fit_bias, fit_bias_batch, resolve_device, shrink_factors
 from .progress import progress
@@ -478,7 +478,21 @@ def _section_log_field(fields, z, ys=None, xs=None) -> np.ndarray:
     return np.concatenate(parts, axis=0)
 
 
-def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
+def _plane_thresholds(msk: Volume):
+    """The per-plane thresholds the mask stage stored with the mask (``-inf``: all tissue), or None."""
+    from .io import read_attrs
+
+    try:
+        thr = read_attrs(msk.path).get("plane_thresholds")
+    except (OSError, ValueError):
+        return None
+    if thr is None or len(thr) != msk.shape[0]:
+        return None
+    return np.array([-np.inf if t is None else t for t in thr], np.float32)
+
+
+def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
+                    mask_sigma: float = defaults.MASK.smoothing_sigma):
     """One gain per section from the tissue at each boundary (see :mod:`octn4.gains`).
 
     Reads the two planes that touch each boundary ('touching') or
@@ -487,12 +501,19 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams):
     """
     fields = _section_fields(records)
     k = params.boundary_planes if params.estimator == "planes" else 1
+    thresholds = _plane_thresholds(msk)
     steps, report = [], []
     for (a0, a1, fa, _), (b0, b1, fb, _) in zip(fields[:-1], fields[1:]):
         ka, kb = min(k, a1 - a0), min(k, b1 - b0)
-        before = vol.read(a1 - ka, a1) / np.exp(fa.evaluate(np.arange(a1 - ka, a1) - a0))
-        after = vol.read(b0, b0 + kb) / np.exp(fb.evaluate(np.arange(kb)))
+        raw_before, raw_after = vol.read(a1 - ka, a1), vol.read(b0, b0 + kb)
+        before = raw_before / np.exp(fa.evaluate(np.arange(a1 - ka, a1) - a0))
+        after = raw_after / np.exp(fb.evaluate(np.arange(kb)))
         last, first = msk.read(a1 - 1, a1)[0] > 0, msk.read(b0, b0 + 1)[0] > 0
+        if thresholds is not None:
+            # tissue by intensity in each touching plane: the mask's Z smoothing and closing can carry one
+            # section's tissue into the neighbour's end plane (a damaged or missing slab)
+            last &= above_in_plane(raw_before[-1:], thresholds[a1 - 1:a1], mask_sigma)[0]
+            first &= above_in_plane(raw_after[:1], thresholds[b0:b0 + 1], mask_sigma)[0]
         if params.estimator == "touching":
             d, n = touching_step(before[-1], after[0], last, first, sigma=params.smoothing_px,
                                  min_shared=params.min_shared)
@@ -592,7 +613,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
     gain_report = []
     if config.gains.enabled and len(records) > 1:
         t0 = time.perf_counter()
-        records, gain_report = harmonise_gains(vol, msk, records, params=config.gains)
+        records, gain_report = harmonise_gains(vol, msk, records, params=config.gains,
+                                               mask_sigma=config.mask.smoothing_sigma)
         timings["gains"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads,
