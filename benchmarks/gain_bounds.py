@@ -105,14 +105,14 @@ def main(argv=None):
                                if (a.work / f"out_{q.name[len('stack_'):]}_octn4" / "fields.json").exists())
     if not names:
         raise SystemExit(f"no octn4 runs in {a.work}: run accuracy_synth.py --work {a.work} first")
-    print(f"{'stack':>20} {'floor':>7} {'E[floor]':>8} {'range':>13} {'run':>7} {'oracle':>7} "
+    print(f"{'stack':>30} {'floor':>7} {'E[floor]':>8} {'range':>13} {'run':>7} {'oracle':>7} "
           f"{'run/floor':>9} {'oracle/floor':>12} {'run/E':>6} {'oracle/E':>8}")
     results = {}
     for name in names:
         r = analyse(a.work / f"stack_{name}", a.work / f"out_{name}_octn4")
         results[name] = r
         fd = r["floor_draws"]
-        print(f"{name:>20} {r['floor']:7.4f} {fd['median']:8.4f} {fd['min']:6.4f}-{fd['max']:6.4f} {r['run']:7.4f} "
+        print(f"{name:>30} {r['floor']:7.4f} {fd['median']:8.4f} {fd['min']:6.4f}-{fd['max']:6.4f} {r['run']:7.4f} "
               f"{r['oracle']:7.4f} {r['run'] / r['floor']:9.1f} {r['oracle'] / r['floor']:12.1f} "
               f"{r['run'] / fd['median']:6.1f} {r['oracle'] / fd['median']:8.1f}", flush=True)
         lat = r["lateral_error_sd"]

@@ -242,7 +242,11 @@ def drift_correction(offsets, centres, weights, *, sections_per_span: int = 8, i
     A Huber-weighted least-squares fit of ``offsets`` against the sections'
     centres: a straight line for up to ``sections_per_span`` sections, a
     cubic B-spline with ``len / sections_per_span`` spans beyond.  Sections
-    without an offset (NaN) take the fitted curve.
+    without an offset (NaN) take the fitted curve.  The correction is then
+    shrunk by ``max(0, 1 - 9 / z^2)``, with ``z^2`` its weighted energy over
+    what the residual scatter would give its free coefficients: a drift the
+    offsets show at less than about 3 sigma (the sections' composition
+    moves their histograms too) is left alone, a clear one is corrected.
     """
     from .bspline import basis_matrix
 
@@ -272,4 +276,17 @@ def drift_correction(offsets, centres, weights, *, sections_per_span: int = 8, i
             break
         robust = np.minimum(1.0, 2.5 * sigma / np.maximum(np.abs(r), 1e-300))
     corr = basis @ coef
-    return corr - np.average(corr, weights=np.where(w > 0, w, 0) if w.sum() > 0 else None)
+    wsum = np.where(ok, wt, 0.0)
+    corr = corr - np.average(corr, weights=wsum)
+    # keep only as much of the drift as the offsets can tell from their own scatter: the correction's
+    # weighted energy against what noise of the residuals' size would give its free coefficients (z^2
+    # summed), shrunk by max(0, 1 - 9 / z^2) (nothing below 3 sigma, nearly all well above)
+    dof = int(ok.sum()) - basis.shape[1]
+    if dof < 1:
+        return np.zeros(n)
+    r = np.where(ok, o - basis @ coef, 0.0)
+    ww = wsum * robust
+    sigma2 = float(np.sum(ww * r ** 2)) / dof          # residual variance per unit weight
+    free = basis.shape[1] - 1                         # the constant is the anchor's, not the drift's
+    z2 = float(np.sum(ww * corr ** 2)) / max(sigma2 * free, 1e-300)
+    return corr * max(0.0, 1.0 - 9.0 / z2) if z2 > 0 else corr * 0.0
