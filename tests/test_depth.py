@@ -10,7 +10,7 @@ from octn4 import defaults
 from octn4.bspline import BSplineField, axis_map
 from octn4.cli import main
 from octn4.depth import fit_depth_profiles, plane_log_medians
-from octn4.gains import GainParams, drift_correction, histogram_offsets, log_histogram
+from octn4.gains import GainParams, drift_correction, histogram_offsets, level_bridged_runs, log_histogram
 from octn4.io import open_volume, read_attrs
 from octn4.pipeline import harmonise_gains
 from octn4.sections import section_bounds
@@ -304,3 +304,18 @@ def test_a_mask_that_bleeds_into_a_damaged_section_does_not_fool_the_gains(tmp_p
     bare.commit()
     out2, _ = harmonise_gains(paths["v"], open_volume(tmp_path / "m2.ome.zarr"), records, params=params)
     assert abs(np.diff([r["gain_log"] for r in out2])[1] - np.diff(want)[1]) > 0.5
+
+
+def test_runs_split_by_bridged_boundaries_are_levelled_by_their_histograms():
+    """A damaged section bridges both its boundaries: the chain knows nothing of the three runs' levels."""
+    rng = np.random.default_rng(8)
+    planted = np.array([0.0, 0.1, 0.35, 0.25, 0.3])        # sections 0-1 | 2 | 3-4 (section 2 is damaged)
+    white = [0.3, 0.4, 0.1, 0.5, 0.35]
+    sizes = [40000, 40000, 3000, 40000, 40000]
+    hists = [_bimodal(g, w, n, rng) for g, w, n in zip(planted, white, sizes)]
+    chained = np.array([0.0, 0.1, 0.1, 0.1, 0.15])          # measured steps inside runs, bridges assumed flat
+    bridged = [False, True, True, False]
+    got = chained + level_bridged_runs(hists, chained, bridged, sizes)
+    np.testing.assert_allclose(got - got[0], planted - planted[0], atol=0.02)
+    # nothing bridged: nothing to level
+    assert np.array_equal(level_bridged_runs(hists, chained, [False] * 4, sizes), np.zeros(5))

@@ -131,3 +131,10 @@ def test_nifti_output(small_stack, tmp_path):
     assert {"corrected.nii.gz", "bias.nii.gz", "mask.nii.gz", "corrected.json"} <= {p.name for p in out.iterdir()}
     assert open_volume(out / "corrected.nii.gz").voxel_size == pytest.approx((0.05, 0.05, 0.05))
     assert read_attrs(out / "bias.nii.gz")["output"] == "bias"
+
+
+def test_a_single_section_runs_and_says_it_has_no_boundary(small_stack, tmp_path, capsys):
+    assert main(["run", str(small_stack / "volume.ome.zarr"), str(tmp_path / "one"), "--sections", "1", *FAST]) == 0
+    assert "one section, no boundary" in capsys.readouterr().out
+    fields = json.loads((tmp_path / "one" / "fields.json").read_text())
+    assert len(fields["sections"][0]["field"]["z_profile"]) == 48     # the depth model with one section

@@ -251,9 +251,12 @@ def _cmd_run(a) -> None:
         engine=a.engine, device=a.device, batch_sections=a.batch_sections)
     m = run(a.input, a.outdir, config)
     s = m["summary"]
+    if s["boundary_step_rms_before"] is None:      # one section: no boundary
+        steps = "one section, no boundary"
+    else:
+        steps = f"boundary step RMS {s['boundary_step_rms_before']:.3f} -> {s['boundary_step_rms_after']:.3f}"
     print(f"octn4: corrected {a.input} -> {a.outdir}; QC report: {a.outdir / 'report' / 'report.html'}  "
-          f"(boundary step RMS {s['boundary_step_rms_before']:.3f} -> {s['boundary_step_rms_after']:.3f}, "
-          f"{m['timings_s']['total']:.0f} s)")
+          f"({steps}, {m['timings_s']['total']:.0f} s)")
 
 
 def _cmd_synth(a) -> None:

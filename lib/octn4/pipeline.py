@@ -53,6 +53,7 @@ from .gains import (
     boundary_steps_from_data,
     drift_correction,
     histogram_offsets,
+    level_bridged_runs,
     log_histogram,
     solve_gains,
     touching_step,
@@ -527,18 +528,22 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
     if params.anchor == "histogram":
         hists = [r.get("histogram") for r in records]
         if all(h is not None for h in hists):
+            start = gains.copy()
+            # sections joined only by bridged boundaries: the chain says nothing about their relative level,
+            # so each run of measured boundaries is levelled as a whole by its sections' histograms
+            gains = gains + level_bridged_runs(hists, gains, [d is None for d in steps], weights)
             offsets = histogram_offsets(hists, gains, max_offset=params.anchor_range)
             centres = [(r["z_start"] + r["z_stop"]) / 2 for r in records]
-            corr = drift_correction(offsets, centres, weights, sections_per_span=params.anchor_sections)
-            gains = gains + corr
+            gains = gains + drift_correction(offsets, centres, weights, sections_per_span=params.anchor_sections)
             anchor = {"offsets_log": [None if not np.isfinite(o) else float(o) for o in offsets],
-                      "correction_log": [float(c) for c in corr]}
+                      "correction_log": [float(c) for c in gains - start]}
         else:
             log.warning("gains: section records without histograms (made by an older octn4); gains not anchored")
     for rep in report:
         if rep["bridged"]:
-            log.warning("gains: boundary at plane %d shares only %d tissue pixels; bridged (no step assumed)",
-                        rep["z"], rep["shared_tissue_pixels"])
+            how = "levelled by the sections' histograms" if anchor is not None else "no step assumed"
+            log.warning("gains: boundary at plane %d shares only %d tissue pixels; bridged (%s)",
+                        rep["z"], rep["shared_tissue_pixels"], how)
     return [dict(r, gain_log=float(g), gain_anchor_log=None if anchor is None else anchor["correction_log"][i])
             for i, (r, g) in enumerate(zip(records, gains))], report
 
