@@ -28,6 +28,7 @@ import numpy as np
 
 from ._backend import DEVICES, array_namespace, cuda_namespace
 from .bspline import BSplineField, axis_map, basis_matrix, shrink_grid
+from .depth import DEPTH_MODELS, DEPTH_PRIOR
 from .errors import InputError
 from .mask import MaskParams, depth_trend, tissue_mask
 from .sections import section_bounds
@@ -152,11 +153,9 @@ class N4Params:
     depth_line: bool = False
     depth_model: str = "none"
     depth_spans: int = 0
-    depth_prior: float = 0.01
+    depth_prior: float = DEPTH_PRIOR
 
     def __post_init__(self):
-        from .depth import DEPTH_MODELS
-
         if self.depth_model not in DEPTH_MODELS:
             raise ValueError(f"depth model must be one of {DEPTH_MODELS}; got {self.depth_model!r}")
         if self.depth_spans < 0 or not self.depth_prior > 0:

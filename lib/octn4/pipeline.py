@@ -535,8 +535,7 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
             offsets = histogram_offsets(hists, gains, max_offset=params.anchor_range)
             centres = [(r["z_start"] + r["z_stop"]) / 2 for r in records]
             gains = gains + drift_correction(offsets, centres, weights, sections_per_span=params.anchor_sections)
-            anchor = {"offsets_log": [None if not np.isfinite(o) else float(o) for o in offsets],
-                      "correction_log": [float(c) for c in gains - start]}
+            anchor = [float(c) for c in gains - start]
         else:
             log.warning("gains: section records without histograms (made by an older octn4); gains not anchored")
     for rep in report:
@@ -544,7 +543,7 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
             how = "levelled by the sections' histograms" if anchor is not None else "no step assumed"
             log.warning("gains: boundary at plane %d shares only %d tissue pixels; bridged (%s)",
                         rep["z"], rep["shared_tissue_pixels"], how)
-    return [dict(r, gain_log=float(g), gain_anchor_log=None if anchor is None else anchor["correction_log"][i])
+    return [dict(r, gain_log=float(g), gain_anchor_log=None if anchor is None else anchor[i])
             for i, (r, g) in enumerate(zip(records, gains))], report
 
 
