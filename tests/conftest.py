@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,15 +12,29 @@ import pytest
 from octn4.synth import SynthParams, synth_stack
 
 
+def _cuda_present() -> bool:
+    """An NVIDIA driver is on this machine (device nodes or nvidia-smi), whatever CuPy says."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
 def _cuda_usable() -> bool:
+    """CuPy with a CUDA device.  Without CuPy, or without any NVIDIA driver, the CuPy tests skip; a CuPy that
+    is installed but fails where a driver exists is a broken install, and the suite fails here, loudly,
+    rather than skipping every GPU test."""
     if importlib.util.find_spec("cupy") is None:
         return False
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no driver / no device: CuPy tests are skipped, not failed
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        if _cuda_present():
+            raise RuntimeError(f"CuPy is installed and an NVIDIA driver is present, but CuPy cannot use it "
+                               f"({type(exc).__name__}: {exc}); fix the CuPy install (cupy-cuda12x)") from exc
         return False
+    if n < 1 and _cuda_present():
+        raise RuntimeError("CuPy is installed and an NVIDIA driver is present, but CuPy sees no CUDA device")
+    return n > 0
 
 
 HAVE_CUDA = _cuda_usable()

@@ -150,15 +150,25 @@ def test_gpu_requested_without_cupy(tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
-def test_device_auto_falls_back_to_the_cpu_and_says_so(tmp_path):
+def test_device_auto_falls_back_to_the_cpu_and_says_so(tmp_path, caplog):
+    import json
+
     from octn4.io import read_attrs
 
     inp = ome(tmp_path / "v.ome.zarr", good())
     out = tmp_path / "out"
     assert main(["run", str(inp), str(out), "--sections", "2", "--engine", "octn4", "--device", "auto",
                  "--iterations", "2", "--global-iterations", "2", "-q"]) == 0
+    assert any(r.levelname == "WARNING" and "device auto" in r.getMessage() for r in caplog.records)
     attrs = read_attrs(out / "corrected.ome.zarr")
     assert attrs["device"] == "cpu" and attrs["parameters"]["device"] == "cpu"
+    # guards: the automatic choice was one INFO line; now a warning, a field in every output and in the report
+    why = "device auto: fitting on the CPU (device 'cuda' needs CuPy, which is not installed"
+    assert attrs["parameters"]["device_requested"] == "auto" and attrs["parameters"]["device_choice"].startswith(why)
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["device_fallback"].startswith(why)
+    page = (out / "report" / "report.html").read_text()
+    assert page.count("device auto: fitting on the CPU") == 2      # the summary's warning and the facts row
 
 
 def test_integer_input_is_accepted_and_input_is_untouched(tmp_path):
@@ -172,3 +182,98 @@ def test_integer_input_is_accepted_and_input_is_untouched(tmp_path):
     assert r.returncode == 0, r.stderr
     assert zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="r")["s0"][:].sum() > 0
     assert (tmp_path / "u.nii.gz").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- errors that are not the user's
+
+
+def test_a_missing_ngff_unit_is_an_input_error_not_millimetres(tmp_path, capsys):
+    """Guards: a µm-scaled OME-Zarr without 'unit' fields was read as mm (1000x too large), silently."""
+    inp = ome(tmp_path / "v.ome.zarr", good(), vs=(5.0, 10.0, 10.0))
+    meta = zarr.open_group(str(inp), mode="r+")
+    attrs = dict(meta.attrs)
+    for axis in attrs["ome"]["multiscales"][0]["axes"]:
+        axis.pop("unit")
+    meta.attrs.put(attrs)
+    assert_rejected(tmp_path, capsys, inp, "voxel size unit missing: the OME-NGFF axes z, y, x carry no 'unit'")
+    _, err = run_cli(["run", str(inp), str(tmp_path / "o"), "--sections", "3", "-q"], capsys)
+    assert "pass --voxel-size Z,Y,X (mm)" in err[0]
+    # with the voxel size given, the same file runs
+    assert main(["run", str(inp), str(tmp_path / "ok"), "--sections", "3", "--voxel-size", "0.005,0.01,0.01",
+                 "--iterations", "2", "--global-iterations", "2", "-q"]) == 0
+
+
+def test_a_section_of_one_plane_is_refused_before_any_work(tmp_path, capsys):
+    """Guards: a 1-plane section failed in its section task, after the whole mask stage had run."""
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    out = tmp_path / "out"
+    rc, err = run_cli(["run", str(inp), str(out), "--planes", "5,1,6", "-q"], capsys)
+    assert rc == 2 and err == [f"octn4: error: {inp}: section 1 would have 1 plane; N4 needs at least 2 planes per "
+                               "section (1 section too thin): give fewer sections (at most 6 for 12 planes) or "
+                               "other --planes"]
+    r = subprocess.run([sys.executable, str(BIN / "octn4_mask.py"), str(inp), str(tmp_path / "m.ome.zarr"),
+                        "--planes", "5,1,6", "-q"], capture_output=True, text=True)
+    assert r.returncode == 2 and "section 1 would have 1 plane" in r.stderr
+    assert not (tmp_path / "m.ome.zarr").exists() and not out.exists()
+
+
+def test_sections_of_two_planes_run_and_say_what_was_not_measured(tmp_path, capsys):
+    """Guards: a valid 6x40x40 stack in 3 sections ran every stage, then failed on NaN slopes in JSON."""
+    import json
+
+    inp = ome(tmp_path / "v.ome.zarr", good((6, 40, 40)))
+    out = tmp_path / "out"
+    rc, err = run_cli(["run", str(inp), str(out), "--sections", "3", "-q"], capsys)
+    assert rc == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["summary"]["depth_slope_abs_mean_after"] is None
+    assert all("fewer than 3 planes: depth slope not measured" in s["flags"] for s in m["sections"])
+
+
+def test_bad_parameters_are_input_errors(tmp_path, capsys):
+    """Guards: parameter checks raised plain ValueError, which only the blanket catch made exit 2."""
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    assert_rejected(tmp_path, capsys, inp, "maximum_number_of_iterations must be positive integers",
+                    ["--iterations", "0"], names=None)
+    assert_rejected(tmp_path, capsys, inp, "smoothing_px must be >= 0", ["--gain-smoothing", "-1"], names=None)
+    assert_rejected(tmp_path, capsys, inp, "closing_radius must be a non-negative integer",
+                    ["--mask-closing-radius", "-2"], names=None)
+
+
+def test_an_internal_error_is_not_blamed_on_the_input(tmp_path, capsys, monkeypatch):
+    """Guards: every ValueError became 'octn4: error: ...', exit 2, no traceback, as if the input were bad."""
+    import octn4.pipeline
+
+    def broken(*a, **k):
+        raise ValueError("Out of range float values are not JSON compliant: nan")
+
+    monkeypatch.setattr(octn4.pipeline, "stage_global", broken)
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    rc = main(["run", str(inp), str(tmp_path / "out"), "--sections", "3", "--iterations", "2", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert err.strip().splitlines()[-1].startswith("octn4: internal error: ValueError: Out of range float")
+    assert "not a problem with the input" in err
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_out_of_memory_exits_as_out_of_memory(tmp_path, capsys, monkeypatch):
+    """Guards: MemoryError was caught as 'cannot be read' (exit 2), which the workflow's retry policy does
+    not retry; 137 is what an OOM-killed task reports, and conf/base.config retries it with more memory."""
+    import octn4.pipeline
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 48.0 GiB")
+
+    inp = ome(tmp_path / "v.ome.zarr", good())
+    monkeypatch.setattr(zarr, "open", no_memory)     # inside io._open_zarr's 'cannot be read' guard
+    rc, err = run_cli(["run", str(inp), str(tmp_path / "out"), "--sections", "3", "-q"], capsys)
+    assert rc == 137 and err == ["octn4: error: out of memory (Unable to allocate 48.0 GiB); give the task more "
+                                 "memory (exit 137)"]
+    monkeypatch.undo()
+    monkeypatch.setattr(octn4.pipeline, "_fit_sections", no_memory)
+    rc, err = run_cli(["run", str(inp), str(tmp_path / "out"), "--sections", "3", "-q"], capsys)
+    assert rc == 137 and not (tmp_path / "out").exists()
+    base = (Path(__file__).resolve().parent.parent / "conf" / "base.config").read_text()
+    assert "task.exitStatus in ((130..145) + [104, 175]) ? 'retry'" in base

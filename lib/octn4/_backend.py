@@ -81,6 +81,8 @@ def cuda_namespace():
                          "the CUDA container); run with --device cpu instead") from None
     try:
         n = cp.cuda.runtime.getDeviceCount()
+    except MemoryError:
+        raise
     except Exception as exc:  # CUDA driver/runtime missing or broken: say which
         raise InputError(f"device 'cuda' was asked for but CUDA is not usable here ({exc})") from None
     if n < 1:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_namespace
+from .errors import InputError
 
 __all__ = ["AxisMap", "BSplineField", "basis_matrix", "axis_map", "shrink_grid"]
 
@@ -42,7 +43,7 @@ def shrink_grid(n: int, s: int) -> tuple[int, int]:
     """
     m = n // s
     if m < 1:
-        raise ValueError(f"shrink factor {s} is larger than the axis ({n} voxels)")
+        raise InputError(f"shrink factor {s} is larger than the axis ({n} voxels)")
     o = int(np.floor((n - 1) / 2 - s * (m - 1) / 2 + 0.5))
     return o, m
 
@@ -68,7 +69,7 @@ def axis_map(n_full: int, spans: int, *, shrink: int = 1, mode: str = "centred")
     """The index-to-parameter map of an axis of ``n_full`` voxels fitted at ``shrink``."""
     o, m = shrink_grid(n_full, shrink)
     if m < 2:
-        raise ValueError(f"an axis of {n_full} voxels shrunk by {shrink} leaves {m} voxel; N4 needs at least 2")
+        raise InputError(f"an axis of {n_full} voxels shrunk by {shrink} leaves {m} voxel; N4 needs at least 2")
     if mode == "centred":
         scale = spans / (shrink * (m - 1.0))
         return AxisMap(scale, -o * scale, spans, 1e-3 * spans / (m - 1.0))

@@ -1,7 +1,9 @@
 """Command line: ``octn4 run``, ``octn4 synth``, and the argument groups the ``bin/`` scripts share.
 
 Errors in the input print one line, ``octn4: error: <file>: <problem>``, and
-exit with status 2; nothing that looks like a complete output is left.
+exit with status 2; internal errors print their traceback and exit 1; out of
+memory exits 137 (:func:`guarded`).  Nothing that looks like a complete
+output is left.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__, defaults
@@ -220,20 +223,38 @@ def setup_logging(a) -> None:
                         datefmt="%H:%M:%S")
 
 
-def guarded(fn, a, prog: str) -> int:
-    """Run ``fn(a)``: bad input or parameters print one line and exit with status 2.
+#: Exit statuses: 0 done; 2 bad input or parameters (:class:`InputError`, the user's to fix);
+#: 1 an internal error (a bug: the traceback is printed); 137 out of memory, the status of a task the
+#: kernel's OOM killer stopped, so schedulers (and the workflow's retry policy) retry it with more memory.
+EXIT_INPUT, EXIT_INTERNAL, EXIT_OUT_OF_MEMORY = 2, 1, 137
 
-    ``-v -v`` shows the traceback as well.  Anything else (an internal error)
-    propagates with its traceback.
+
+def guarded(fn, a, prog: str) -> int:
+    """Run ``fn(a)`` and turn its failure into a message and an exit status.
+
+    Bad input or parameters (:class:`InputError`) print one line, exit 2
+    (``-v -v`` shows the traceback as well).  ``MemoryError`` prints one line
+    and exits 137, as an out-of-memory kill would.  Anything else is octn4's
+    own bug: the traceback, a line saying so, exit 1.
     """
     setup_logging(a)
     try:
         fn(a)
-    except (InputError, ValueError) as exc:
+    except InputError as exc:
         if a.verbose > 1:
             log.exception("failed")
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except MemoryError as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"{prog}: error: out of memory{detail}; give the task more memory (exit {EXIT_OUT_OF_MEMORY})",
+              file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} -- a bug in octn4 {__version__}, not a "
+              "problem with the input; please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL
     return 0
 
 

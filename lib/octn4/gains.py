@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from .errors import InputError
+
 __all__ = ["GAIN_ESTIMATORS", "GAIN_ANCHORS", "GainParams", "boundary_steps_from_data", "solve_gains",
            "touching_step", "log_histogram", "histogram_offsets", "drift_correction", "level_bridged_runs", "HIST_BIN",
            "BRIDGED_RANGE"]
@@ -92,16 +94,16 @@ class GainParams:
 
     def __post_init__(self):
         if self.estimator not in GAIN_ESTIMATORS:
-            raise ValueError(f"gain estimator must be one of {GAIN_ESTIMATORS}; got {self.estimator!r}")
+            raise InputError(f"gain estimator must be one of {GAIN_ESTIMATORS}; got {self.estimator!r}")
         if self.anchor not in GAIN_ANCHORS:
-            raise ValueError(f"gain anchor must be one of {GAIN_ANCHORS}; got {self.anchor!r}")
+            raise InputError(f"gain anchor must be one of {GAIN_ANCHORS}; got {self.anchor!r}")
         if not self.anchor_range > 0 or self.anchor_sections < 2:
-            raise ValueError(f"anchor range must be > 0 and anchor sections >= 2; got {self.anchor_range}, "
+            raise InputError(f"anchor range must be > 0 and anchor sections >= 2; got {self.anchor_range}, "
                              f"{self.anchor_sections}")
         if not self.smoothing_px >= 0:
-            raise ValueError(f"smoothing_px must be >= 0; got {self.smoothing_px}")
+            raise InputError(f"smoothing_px must be >= 0; got {self.smoothing_px}")
         if self.boundary_planes < 1:
-            raise ValueError(f"boundary_planes must be >= 1; got {self.boundary_planes}")
+            raise InputError(f"boundary_planes must be >= 1; got {self.boundary_planes}")
 
     def as_dict(self) -> dict:
         return asdict(self)

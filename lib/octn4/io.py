@@ -101,28 +101,50 @@ class Volume:
         return np.asarray(block, dtype=np.float32)
 
     def read_planes(self, zs: Sequence[int], ys=slice(None), xs=slice(None)) -> np.ndarray:
-        """Planes at the Z indices ``zs`` (ascending), Y/X optionally strided.
+        """Planes at the Z indices ``zs`` (ascending), Y/X optionally strided (:meth:`iter_planes`)."""
+        zs = [int(z) for z in zs]
+        if not zs:
+            return np.zeros((0,) + self.shape[1:], np.float32)[:, ys, xs]
+        return np.stack(list(self.iter_planes(zs, ys, xs)))
+
+    def iter_planes(self, zs: Sequence[int], ys=slice(None), xs=slice(None)):
+        """Yield the planes at the Z indices ``zs`` (ascending) one at a time, Y/X optionally strided.
 
         Zarr data are read once per Z chunk: the planes that share a chunk
         come from one read of their span, so every stored chunk is
         decompressed at most once (reading plane by plane would decompress a
-        16-plane chunk for each plane taken from it).
+        16-plane chunk for each plane taken from it).  NIfTI data are read in
+        one forward pass through the file: a ``.nii.gz`` cannot seek backwards
+        without decompressing from its start, so plane-by-plane reads would
+        cost O(Z^2).
         """
         zs = [int(z) for z in zs]
-        if not zs:
-            return np.zeros((0,) + self.shape[1:], np.float32)[:, ys, xs]
         if self._nifti is not None:
-            return np.concatenate([self.read(z, z + 1, ys, xs) for z in zs], axis=0)
+            yield from self._iter_nifti_planes(zs, ys, xs)
+            return
         cz = self._array.chunks[len(self._lead)]
-        out, i = [], 0
+        i = 0
         while i < len(zs):
             j = i
             while j + 1 < len(zs) and zs[j + 1] // cz == zs[i] // cz:
                 j += 1
             block = self.read(zs[i], zs[j] + 1, ys, xs)
-            out.append(block[[z - zs[i] for z in zs[i:j + 1]]])
+            for z in zs[i:j + 1]:
+                yield block[z - zs[i]]
             i = j + 1
-        return np.concatenate(out, axis=0)
+
+    def _iter_nifti_planes(self, zs, ys, xs):
+        from nibabel.openers import ImageOpener
+
+        h = self._nifti
+        nbytes = self.shape[1] * self.shape[2] * h["dtype"].itemsize
+        with ImageOpener(self.path, "rb") as f:
+            for z in zs:
+                f.seek(h["offset"] + z * nbytes)          # forward only: zs ascend
+                a = np.frombuffer(f.read(nbytes), dtype=h["dtype"]).reshape(self.shape[1:])[ys, xs]
+                if h["slope"] is not None:
+                    a = a.astype(np.float32) * np.float32(h["slope"]) + np.float32(h["inter"])
+                yield np.asarray(a, dtype=np.float32)
 
     def _read_nifti(self, z0, z1):
         from nibabel.openers import ImageOpener
@@ -185,6 +207,8 @@ def _open_zarr(p: Path, voxel_size) -> Volume:
 
     try:
         node = zarr.open(store=str(p), mode="r")
+    except MemoryError:
+        raise
     except Exception as exc:  # zarr raises several types for non-stores
         raise InputError(f"cannot be read as Zarr ({type(exc).__name__}: {exc})", p) from None
     if isinstance(node, zarr.Array):
@@ -223,20 +247,20 @@ def _open_zarr(p: Path, voxel_size) -> Volume:
     if not found:
         raise InputError("voxel size missing: no 'scale' coordinate transformation; "
                          "pass --voxel-size Z,Y,X (mm)", p)
-    factors, source = [], "OME-NGFF scale"
+    factors = []
+    missing = [a.get("name") if isinstance(a, dict) else str(a) for a in axes[-3:]
+               if not isinstance(a, dict) or a.get("unit") is None]
+    if missing:   # NGFF makes units optional; a µm scale read as mm would be 1000x too large
+        raise InputError(f"voxel size unit missing: the OME-NGFF axes {', '.join(missing)} carry no 'unit', so "
+                         f"the scale {[float(v) for v in scale[-3:]]} could be µm or mm; pass --voxel-size Z,Y,X "
+                         "(mm)", p)
     for a in axes[-3:]:
-        unit = a.get("unit") if isinstance(a, dict) else None
-        if unit is None:
-            factors.append(1.0)
-            source = "OME-NGFF scale (no unit given: millimetres assumed)"
-        elif unit in UNIT_TO_MM:
-            factors.append(UNIT_TO_MM[unit])
-        else:
+        unit = a["unit"]
+        if unit not in UNIT_TO_MM:
             raise InputError(f"unsupported spatial unit {unit!r} on axis {a.get('name')}", p)
-    if source.endswith("assumed)"):
-        log.warning("%s: spatial axes carry no unit; taking the scale as millimetres", p)
+        factors.append(UNIT_TO_MM[unit])
     vs = _check_voxel_size(scale[-3:] * np.asarray(factors), p)
-    return Volume(str(p), shape, arr.dtype, vs, "ome-zarr", source, _array=arr, _lead=lead)
+    return Volume(str(p), shape, arr.dtype, vs, "ome-zarr", "OME-NGFF scale", _array=arr, _lead=lead)
 
 
 def _raw_pixdim(p: Path, header_class) -> list[float]:
@@ -258,6 +282,8 @@ def _open_nifti(p: Path, voxel_size) -> Volume:
         shape_xyz = tuple(int(n) for n in img.shape)
         offset = int(img.dataobj.offset)
         slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)   # nibabel moves scl_* here
+    except MemoryError:
+        raise
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, ...
         raise InputError(f"cannot be read as NIfTI ({type(exc).__name__}: {exc})", p) from None
     if len(shape_xyz) < 3 or any(n != 1 for n in shape_xyz[3:]):

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._backend import array_namespace, bincount, ndimage_for, to_numpy
+from .errors import InputError
 
 __all__ = ["MaskParams", "MASK_METHODS", "otsu_threshold", "tissue_mask", "section_thresholds", "plane_thresholds",
            "depth_trend", "write_tissue_mask"]
@@ -68,13 +69,13 @@ class MaskParams:
 
     def __post_init__(self):
         if self.method not in MASK_METHODS:
-            raise ValueError(f"mask method must be one of {MASK_METHODS}; got {self.method!r}")
+            raise InputError(f"mask method must be one of {MASK_METHODS}; got {self.method!r}")
         for name in ("smoothing_sigma", "smoothing_sigma_z"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 0; got {getattr(self, name)}")
         for name in ("closing_radius", "z_closing_planes", "min_voxels"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer; got {getattr(self, name)}")
+                raise InputError(f"{name} must be a non-negative integer; got {getattr(self, name)}")
 
     def as_dict(self) -> dict:
         return asdict(self)

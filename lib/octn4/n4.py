@@ -47,6 +47,7 @@ __all__ = [
     "fit_bias_sitk",
     "fit_bias_batch",
     "resolve_device",
+    "choose_device",
     "correct",
     "compute_tissue_mask",
     "n4_correct",
@@ -157,42 +158,42 @@ class N4Params:
 
     def __post_init__(self):
         if self.depth_model not in DEPTH_MODELS:
-            raise ValueError(f"depth model must be one of {DEPTH_MODELS}; got {self.depth_model!r}")
+            raise InputError(f"depth model must be one of {DEPTH_MODELS}; got {self.depth_model!r}")
         if self.depth_spans < 0 or not self.depth_prior > 0:
-            raise ValueError(f"depth spans must be >= 0 and depth prior > 0; got {self.depth_spans}, "
+            raise InputError(f"depth spans must be >= 0 and depth prior > 0; got {self.depth_spans}, "
                              f"{self.depth_prior}")
         its = tuple(int(i) for i in self.maximum_number_of_iterations)
         if not its or any(i < 1 for i in its):
-            raise ValueError(f"maximum_number_of_iterations must be positive integers; got {its}")
+            raise InputError(f"maximum_number_of_iterations must be positive integers; got {its}")
         object.__setattr__(self, "maximum_number_of_iterations", its)
         if self.spline_order not in (1, 2, 3):
-            raise ValueError(f"spline_order must be 1, 2 or 3; got {self.spline_order}")
+            raise InputError(f"spline_order must be 1, 2 or 3; got {self.spline_order}")
         if not self.convergence_threshold >= 0:
-            raise ValueError(f"convergence_threshold must be >= 0; got {self.convergence_threshold}")
+            raise InputError(f"convergence_threshold must be >= 0; got {self.convergence_threshold}")
         if not self.spline_distance_mm > 0:
-            raise ValueError(f"spline_distance_mm must be > 0; got {self.spline_distance_mm}")
+            raise InputError(f"spline_distance_mm must be > 0; got {self.spline_distance_mm}")
         if self.number_of_control_points is not None:
             m = tuple(int(v) for v in self.number_of_control_points)
             if len(m) != 3 or any(v < self.spline_order + 1 for v in m):
-                raise ValueError(f"number_of_control_points must be 3 values >= order + 1; got {m}")
+                raise InputError(f"number_of_control_points must be 3 values >= order + 1; got {m}")
             object.__setattr__(self, "number_of_control_points", m)
         s = self.shrink_factor
         if s is not None:
             s = (int(s),) * 3 if np.isscalar(s) else tuple(int(v) for v in s)
             if len(s) != 3 or any(v < 1 for v in s):
-                raise ValueError(f"shrink_factor must be a positive integer or three of them; got {self.shrink_factor}")
+                raise InputError(f"shrink_factor must be a positive integer or three of them; got {self.shrink_factor}")
             object.__setattr__(self, "shrink_factor", s)
         if self.fit_voxels < 64:
-            raise ValueError(f"fit_voxels must be >= 64; got {self.fit_voxels}")
+            raise InputError(f"fit_voxels must be >= 64; got {self.fit_voxels}")
         if self.evaluation not in ("centred", "stretched"):
-            raise ValueError(f"evaluation must be 'centred' or 'stretched'; got {self.evaluation!r}")
+            raise InputError(f"evaluation must be 'centred' or 'stretched'; got {self.evaluation!r}")
         if self.shrink_mode not in SHRINK_MODES:
-            raise ValueError(f"shrink_mode must be one of {SHRINK_MODES}; got {self.shrink_mode!r}")
+            raise InputError(f"shrink_mode must be one of {SHRINK_MODES}; got {self.shrink_mode!r}")
         if self.control_point_rule not in CONTROL_POINT_RULES:
-            raise ValueError(f"control_point_rule must be one of {CONTROL_POINT_RULES}; "
+            raise InputError(f"control_point_rule must be one of {CONTROL_POINT_RULES}; "
                              f"got {self.control_point_rule!r}")
         if int(self.fit_voxels_per_control_point) < 1:
-            raise ValueError(f"fit_voxels_per_control_point must be >= 1; got {self.fit_voxels_per_control_point}")
+            raise InputError(f"fit_voxels_per_control_point must be >= 1; got {self.fit_voxels_per_control_point}")
         object.__setattr__(self, "fit_voxels_per_control_point", int(self.fit_voxels_per_control_point))
 
     @property
@@ -409,30 +410,42 @@ ENGINES = ("sitk", "octn4")
 
 
 def resolve_device(device: str, engine: str) -> str:
-    """The device a fit runs on: 'cpu' or 'cuda'.
+    """The device a fit runs on: 'cpu' or 'cuda' (:func:`choose_device` without the reason)."""
+    return choose_device(device, engine)[0]
+
+
+def choose_device(device: str, engine: str) -> tuple[str, str | None]:
+    """The device a fit runs on, 'cpu' or 'cuda', and why, when it was chosen automatically.
 
     'cuda' is an error (naming what is missing) unless the octn4 engine has
     CuPy and a CUDA device; 'auto' becomes 'cuda' when it would work and
-    'cpu' otherwise (for schedulers that may or may not grant a GPU).
+    'cpu' otherwise (for schedulers that may or may not grant a GPU).  An
+    automatic choice is logged as a warning and returned as its reason (None
+    for a device asked for by name), for the outputs to record.
     """
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+        raise InputError(f"engine must be one of {ENGINES}; got {engine!r}")
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+        raise InputError(f"device must be one of {DEVICES}; got {device!r}")
     if device == "auto":
         if engine != "octn4":
-            return "cpu"
-        try:
-            cuda_namespace()
-        except InputError as exc:
-            log.info("device auto: fitting on the CPU (%s)", exc.problem)
-            return "cpu"
-        return "cuda"
+            why = f"device auto: fitting on the CPU (the {engine} engine runs on the CPU only)"
+        else:
+            try:
+                cuda_namespace()
+            except InputError as exc:
+                why = f"device auto: fitting on the CPU ({exc.problem})"
+            else:
+                why = "device auto: fitting on the GPU (CuPy found a CUDA device)"
+                log.warning("%s", why)
+                return "cuda", why
+        log.warning("%s", why)
+        return "cpu", why
     if engine == "sitk" and device != "cpu":
         raise InputError(f"the SimpleITK engine runs on the CPU only; device {device!r} needs --engine octn4")
     if device == "cuda":
         cuda_namespace()
-    return device
+    return device, None
 
 
 def fit_bias(shrunk, shrunk_mask, *, full_shape, shrink, voxel_size, params: N4Params, threads: int = 1,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bspline import shrink_grid
+from .errors import InputError
 
 __all__ = ["SHRINK_MODES", "block_indices", "block_mean_plane", "shrink_volume"]
 
@@ -61,7 +62,7 @@ def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
 def shrink_volume(volume, mask, shrink, mode: str = "subsample"):
     """The fit grid of an in-memory volume: ``(image, mask)`` of shape ``(Mz, My, Mx)``."""
     if mode not in SHRINK_MODES:
-        raise ValueError(f"shrink mode must be one of {SHRINK_MODES}; got {mode!r}")
+        raise InputError(f"shrink mode must be one of {SHRINK_MODES}; got {mode!r}")
     vol = np.asarray(volume, np.float32)
     msk = np.asarray(mask, bool)
     if mode == "subsample":
