@@ -117,7 +117,7 @@ def test_zeros_inside_the_mask_and_256_bins_match_simpleitk(exp):
 def test_shrunk_fit_evaluated_at_full_resolution_matches_simpleitk(exp):
     """§8: a fit on a shrunk, anisotropic grid, evaluated index-stretched over the full grid.
 
-    (Seed 6 of this tiny grid hits the histogram cliff of the xfail test below: 2e-4.)
+    (Seed 6 of this tiny grid hits the histogram cliff of the bracketed test below: 2e-4.)
     """
     vol, mask, _ = smooth_phantom(shape=(11, 15, 20), seed=7)    # the shrunk grid (shrink 3 of 33x47x62)
     full = (33, 47, 62)
@@ -128,16 +128,17 @@ def test_shrunk_fit_evaluated_at_full_resolution_matches_simpleitk(exp):
     assert np.abs(got - want).max() <= 1e-4 and its == want_its
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ITK's top-bin cliff: the brightest voxel sits at c = bins - 1 in float32 and is counted (offset 0) or "
-    "dropped (c rounds above) depending on the last bit of ITK's arithmetic; on this small grid ITK drops it at "
-    "the third iteration and octn4 does not, giving ~1e-4 after 3 levels. Flipping that one decision brings the "
-    "difference to 1e-8 (benchmarks/parity_survey.py does this for 12 more cases)."))
-def test_multilevel_on_a_tiny_grid_matches_simpleitk():
+def test_multilevel_on_a_tiny_grid_differs_from_simpleitk_only_by_the_top_bin_cliff():
+    """ITK's top-bin cliff: the brightest voxel sits at c = bins - 1 in float32 and is counted (offset 0) or
+    dropped (c rounds above) depending on the last bit of ITK's arithmetic; on this small grid ITK drops it at
+    the third iteration and octn4 does not, giving 1.13e-4 after 3 levels (flipping that one decision brings
+    it to 1e-8: benchmarks/parity_survey.py).  Guards both ways: a regression of the engine (anything above
+    3e-4 fails, where a strict xfail let any error pass) and the cliff's disappearance (below 5e-5: then this
+    becomes an ordinary 1e-5 parity test)."""
     vol, mask, _ = smooth_phantom(shape=(14, 30, 33))
     want, _ = sitk_run(vol, mask, (3, 3, 3), (4, 4, 4), 0.0)
     got, _ = engine_run(np, vol, mask, (3, 3, 3), (4, 4, 4), 0.0)
-    assert np.abs(got - want).max() <= 1e-4
+    assert 5e-5 <= np.abs(got - want).max() <= 3e-4
 
 
 def test_quirk_q1_first_voxel_is_the_strict_minimum(exp):
@@ -207,8 +208,43 @@ def test_engine_refuses_empty_masks():
                           levels_iterations=(1,))
 
 
+def test_a_constant_image_has_nothing_to_sharpen_and_gets_a_flat_field(exp):
+    """Guards: tissue of one constant intensity gave a zero-width histogram and a ZeroDivisionError.  A
+    one-point histogram is sharpened to itself (scikit-image's habit: a constant image's threshold is its
+    value), so the field stays 0; in a batch, the other members' fits are untouched."""
+    vol, mask, _ = smooth_phantom(shape=(8, 10, 12))
+    flat = np.full(vol.shape, 3.0, np.float32)
+    fit = fit_lattice(exp.asarray(flat), exp.asarray(mask), m0=(4, 4, 4), levels_iterations=(3, 3))
+    assert np.all(fit.coeffs == 0) and fit.iterations == [1, 1] and fit.convergence == [0.0, 0.0]
+    batch = fit_lattice_batch(exp.asarray(np.stack([flat, vol])), exp.asarray(np.stack([mask, mask])),
+                              m0=(4, 4, 4), levels_iterations=(3, 3))
+    alone = fit_lattice(exp.asarray(vol), exp.asarray(mask), m0=(4, 4, 4), levels_iterations=(3, 3))
+    assert np.all(batch[0].coeffs == 0)
+    np.testing.assert_allclose(batch[1].coeffs, alone.coeffs, rtol=0, atol=1e-12)
+
+
+def test_a_run_whose_tissue_is_constant_finishes(tmp_path):
+    """The same through octn4 run with the tissue given as a mask: every stage, exit 0, bias 1 in tissue."""
+    from octn4.cli import main
+    from octn4.io import OmeZarrWriter, open_volume
+
+    vol = np.zeros((12, 40, 40), np.float32)
+    vol[:, 10:30, 10:30] = 3.0
+    for name, data in (("v", vol), ("m", (vol > 0).astype(np.float32))):
+        with OmeZarrWriter(tmp_path / f"{name}.ome.zarr", data.shape, (0.05,) * 3) as w:
+            w.write(0, data)
+            w.commit()
+    assert main(["run", str(tmp_path / "v.ome.zarr"), str(tmp_path / "out"), "--sections", "3", "--mask",
+                 str(tmp_path / "m.ome.zarr"), "--skip-log-scale-check", "-q"]) == 0
+    bias = open_volume(tmp_path / "out" / "bias.ome.zarr").read(0, 12)
+    np.testing.assert_allclose(bias[vol > 0], 1.0, rtol=1e-5)
+
+
 def test_correct_with_either_engine_gives_the_same_field():
-    """Through octn4.n4.correct: same shrink, lattice and geometry; the fields agree to <1 % of their range."""
+    """Through octn4.n4.correct: same shrink, lattice and geometry.  Measured: the log fields differ by 8.7e-5
+    at most (range 0.86; octn4's default fixes ITK's quirks, so this is not the parity mode's 1e-8), errors
+    against the planted bias 0.017023 and 0.017023; the bounds are ~3x and 0.2 % (they were 1 % of the
+    range and 5 %, 100x and 25x looser than what is measured)."""
     from octn4.n4 import N4Params, correct
 
     vol, mask, true_log = smooth_phantom(shape=(24, 48, 52))
@@ -216,12 +252,12 @@ def test_correct_with_either_engine_gives_the_same_field():
     _, b_sitk, f_sitk = correct(vol, mask, voxel_size=(0.05, 0.02, 0.02), params=p, engine="sitk")
     _, b_ours, f_ours = correct(vol, mask, voxel_size=(0.05, 0.02, 0.02), params=p, engine="octn4")
     lo, ls = np.log(b_ours), np.log(b_sitk)
-    assert np.abs(lo - ls).max() < 0.01 * np.ptp(ls)
+    assert np.abs(lo - ls).max() < 3e-4 and np.ptp(ls) > 0.5
     assert f_ours.engine == "octn4" and f_sitk.engine == "sitk"
     assert f_ours.field.coeffs.shape == f_sitk.field.coeffs.shape
     assert f_ours.iterations == f_sitk.iterations
     err = lambda lb: np.std(lb[mask] - true_log[mask])  # noqa: E731
-    assert err(lo) <= 1.05 * err(ls)
+    assert err(lo) <= 1.002 * err(ls)
 
 
 @pytest.mark.gpu

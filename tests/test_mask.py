@@ -88,11 +88,22 @@ def test_streamed_mask_equals_in_memory_mask(params, slab):
     np.testing.assert_array_equal(sink.out.astype(bool), tissue_mask(vol, bounds, params=params))
 
 
-def test_reference_signature_counts_planes():
-    vol, _ = stack()
-    a = compute_tissue_mask(vol, n_serial_slices=3, z_closing_planes=0)
-    b = compute_tissue_mask(vol, n_serial_slices=3, z_closing_planes=3)
-    assert b.sum() >= a.sum()   # closing along Z only adds voxels
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_z_closing_bridges_gaps_of_up_to_2k_planes(k):
+    """Guards: the Z closing's half-height is in planes (the system octn4 grew from called it sections).  A
+    closing with a (2k+1)-plane element fills a gap of 2k planes and leaves one of 2k + 1 open; the old
+    check (``closing only adds voxels``) held for any closing, one that ignored k included."""
+    p = dict(smoothing_sigma=0, smoothing_sigma_z=0, closing_radius=0)
+    for gap, filled in ((2 * k, True), (2 * k + 1, False)):
+        vol = np.full((24, 20, 20), 0.1, np.float32)
+        vol[:, 5:15, 5:15] = 1.0
+        vol[8:8 + gap, 5:15, 5:15] = 0.1                         # the tissue is missing from `gap` planes
+        m = tissue_mask(vol, section_bounds(24, n_sections=2), params=MaskParams(z_closing_planes=k, **p))
+        assert m[8:8 + gap, 5:15, 5:15].all() == filled, (k, gap)
+        assert not m[:, :5].any()                                # agarose stays out
+        legacy = compute_tissue_mask(vol, n_serial_slices=2, z_closing_planes=k, smoothing_sigma=0,
+                                     smoothing_sigma_z=0, closing_radius=0)
+        np.testing.assert_array_equal(legacy, m)                  # the reference signature counts planes too
 
 
 def test_sparse_section_is_all_tissue():

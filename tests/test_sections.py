@@ -4,7 +4,7 @@ from octn4.errors import InputError
 from octn4.sections import parse_planes, section_bounds
 
 
-@pytest.mark.parametrize("depth,n", [(10, 3), (7, 7), (100, 6), (5, 1)])
+@pytest.mark.parametrize("depth,n", [(10, 3), (14, 7), (100, 6), (5, 1)])
 def test_count_split_is_contiguous_and_near_equal(depth, n):
     b = section_bounds(depth, n_sections=n)
     assert len(b) == n and b[0][0] == 0 and b[-1][1] == depth
@@ -26,6 +26,10 @@ def test_explicit_planes():
     (dict(planes=[]), "empty"),
     (dict(), "either"),
     (dict(n_sections=2, planes=[5, 5]), "either"),
+    # refused here, before the mask stage, rather than after it in the section task
+    (dict(n_sections=6), r"section 4 would have 1 plane; N4 needs at least 2 planes per section \(2 sections too "
+                         r"thin\): give fewer sections \(at most 5 for 10 planes\)"),
+    (dict(planes=[4, 1, 5]), "section 1 would have 1 plane"),
 ])
 def test_bad_sections_are_named(kwargs, msg):
     with pytest.raises(InputError, match=msg):

@@ -138,6 +138,10 @@ def _sharpen_compact(v, seg, segments, *, bins, fwhm, noise, parity):
     nb = len(segments)
     lo_h, hi_h = _ranges(v, segments, xp, parity)
     h_h = ((hi_h - lo_h) / np.float32(bins - 1)).astype(np.float32)
+    # A member whose values are all equal has a one-point histogram: nothing to sharpen, so its
+    # sharpened values are the values themselves (bin width 1, every entry of E[u|v] the constant).
+    flat = ~(h_h > 0)
+    h_h[flat] = 1
     lo = xp.take(from_numpy(lo_h, like=v), seg)
     h = xp.take(from_numpy(h_h, like=v), seg)
     c = (v - lo) / h
@@ -152,7 +156,8 @@ def _sharpen_compact(v, seg, segments, *, bins, fwhm, noise, parity):
     hist = (bincount(base + xp.clip(i, 0, bins - 1), weights=lower, minlength=nb * bins)
             + bincount(base + xp.clip(i + 1, 0, bins - 1), weights=upper, minlength=nb * bins))
     hist = to_numpy(hist).reshape(nb, bins)
-    e = np.stack([_expected_intensity(hist[j], float(lo_h[j]), float(h_h[j]), bins, fwhm, noise)
+    e = np.stack([np.full(bins, lo_h[j], np.float64) if flat[j] else
+                  _expected_intensity(hist[j], float(lo_h[j]), float(h_h[j]), bins, fwhm, noise)
                   for j in range(nb)]).astype(np.float32)
     e_flat = from_numpy(e.reshape(-1), like=v)
     k = base + xp.clip(i, 0, bins - 2)

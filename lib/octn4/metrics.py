@@ -76,8 +76,14 @@ def boundary_steps(log_profile: np.ndarray, bounds, k: int = BOUNDARY_PLANES) ->
     return steps
 
 
-def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None) -> list[dict]:
-    """Per-section figures before/after from the per-plane statistics."""
+#: The flag of a section whose mask found no tissue threshold (too few positive voxels): the mask
+#: takes its whole slab, agarose included, as tissue, so its correction is not to be trusted.
+NEAR_EMPTY_FLAG = "near-empty: no tissue threshold, whole slab taken as tissue"
+
+
+def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None, near_empty=()) -> list[dict]:
+    """Per-section figures before/after from the per-plane statistics; ``near_empty``: section indices
+    whose mask found no tissue threshold (flagged)."""
     rows = []
     names = list(stats.median)
     logs = {n: np.log(stats.median[n]) for n in names}
@@ -91,7 +97,7 @@ def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None) -> list[di
             mean = s / n if n else math.nan
             var = (ss / n - mean * mean) if n else math.nan
             row[f"median_{name}"] = _nanmedian(stats.median[name][z0:z1])
-            row[f"cv_{name}"] = math.sqrt(max(var, 0.0)) / mean if n else math.nan
+            row[f"cv_{name}"] = math.sqrt(max(var, 0.0)) / mean if n and mean > 0 else math.nan   # no intensity: no CV
             row[f"depth_slope_per_mm_{name}"] = _slope(logs[name][z0:z1], voxel_size[0])
             row[f"step_to_next_{name}"] = steps[name][i]
         if fits is not None:
@@ -103,6 +109,10 @@ def section_summary(stats: PlaneStats, bounds, voxel_size, fits=None) -> list[di
             b, a = row.get(f"{key}_before"), row.get(f"{key}_after")
             if b is not None and a is not None and np.isfinite(a) and abs(a) > abs(b) * 1.05 + 0.01:
                 flags.append(label)
+        if i in near_empty:
+            flags.append(NEAR_EMPTY_FLAG)
+        if z1 - z0 < 3:
+            flags.append("fewer than 3 planes: depth slope not measured")
         if fits is not None and fits[i].get("status") != "fitted":
             flags.append(fits[i].get("status", "not fitted"))
         elif fits is not None and not fits[i].get("converged", True) and _still_changing(fits[i]):

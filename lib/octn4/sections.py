@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 from .errors import InputError
 
-__all__ = ["section_bounds", "parse_planes"]
+__all__ = ["section_bounds", "parse_planes", "MIN_SECTION_PLANES"]
+
+#: The fewest planes a section may have: N4 fits a B-spline along Z, which needs 2 fit planes.
+MIN_SECTION_PLANES = 2
 
 
 def section_bounds(depth: int, n_sections: int | None = None,
@@ -24,7 +27,9 @@ def section_bounds(depth: int, n_sections: int | None = None,
         Explicit number of planes of each section, top to bottom; must sum
         to ``depth``.
 
-    Exactly one of ``n_sections`` and ``planes`` is given.
+    Exactly one of ``n_sections`` and ``planes`` is given.  Every section
+    must have at least :data:`MIN_SECTION_PLANES` planes; a layout with a
+    thinner one is refused here, before any work.
     """
     if (n_sections is None) == (planes is None):
         raise InputError("give either a number of sections or a list of planes per section, not both")
@@ -46,6 +51,12 @@ def section_bounds(depth: int, n_sections: int | None = None,
             raise InputError(f"planes per section must be positive integers; got {list(planes)}")
         if sum(sizes) != depth:
             raise InputError(f"planes per section sum to {sum(sizes)} but the volume has {depth} Z planes")
+    if min(sizes) < MIN_SECTION_PLANES:
+        thin = [i for i, n in enumerate(sizes) if n < MIN_SECTION_PLANES]
+        raise InputError(f"section {thin[0]} would have {sizes[thin[0]]} plane"
+                         f"{'s' if sizes[thin[0]] != 1 else ''}; N4 needs at least {MIN_SECTION_PLANES} planes per "
+                         f"section ({len(thin)} section{'s' if len(thin) > 1 else ''} too thin): give fewer sections "
+                         f"(at most {depth // MIN_SECTION_PLANES} for {depth} planes) or other --planes")
     bounds, z = [], 0
     for s in sizes:
         bounds.append((z, z + s))
