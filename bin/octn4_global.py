@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    config = pipeline.RunConfig(n_sections=1, global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
+    config = pipeline.RunConfig(global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
                                 threads=a.threads, output_format=a.format, overwrite=a.overwrite, engine=a.engine,
                                 device=a.device, voxel_size=a.voxel_size)
     pipeline.stage_global_files(a.input, a.mask, a.sections, a.outdir, config=config)

@@ -237,3 +237,29 @@ def test_images_install_from_the_test_constraints_and_modules_pin_them(project):
     images = {p.container for p in project.processes.values()}
     assert images == {f"ghcr.io/octn4/octn4:{version}", f"ghcr.io/octn4/octn4-cuda:{version}"}
     assert project.processes["N4_GLOBAL"].container.endswith(f"octn4-cuda:{version}")
+
+
+def test_a_task_given_a_gpu_asks_for_cuda_and_fails_without_one(project, tmp_path):
+    """Guards: N4_GLOBAL passed --device auto when given an accelerator, so a CUDA image without a working CuPy,
+    or Docker without --gpus, fitted on the CPU with one INFO line.  Given a GPU it asks for cuda (cpu for the
+    SimpleITK engine); without one, cpu; and octn4_global.py --device cuda fails loudly where CuPy cannot run."""
+    from nfcheck.checks import EXAMPLE_METAS, example_bindings
+    from nfcheck.project import commands
+
+    def device(accelerator, **params):
+        job = {"process": "N4_GLOBAL", "block": "script",
+               "bindings": example_bindings("N4_GLOBAL", EXAMPLE_METAS[0], accelerator)}
+        out = project.render([job], dict(project.params(), input="b.ome.zarr", outdir="r", **params))[0]
+        argv = next(a for a in commands(out["command"]) if a[0] == "octn4_global.py")
+        return argv[argv.index("--device") + 1]
+
+    assert device({"request": 1}) == "cuda"
+    assert device(None) == "cpu"
+    assert device({"request": 1}, engine="sitk") == "cpu"
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        r = subprocess.run([sys.executable, str(ROOT / "bin" / "octn4_global.py"), "in.ome.zarr", "m.ome.zarr",
+                            "s.json", str(tmp_path / "out"), "--device", "cuda"], capture_output=True, text=True)
+        assert r.returncode == 2 and "device 'cuda' needs CuPy, which is not installed" in r.stderr
+        assert not (tmp_path / "out").exists()

@@ -41,18 +41,38 @@ def test_outputs_and_provenance(result, demo_stack):
         assert attrs["parameters"]["mask"]["method"] == "depth"
         assert attrs["versions"]["SimpleITK"] and attrs["octn4_version"]
     assert zarr.open_group(str(result / "mask.ome.zarr"), mode="r")["s0"].dtype == np.uint8
-    np.testing.assert_allclose(read(result / "corrected.ome.zarr") * read(result / "bias.ome.zarr"),
-                               read(demo_stack / "volume.ome.zarr"), rtol=1e-5)
+
+
+def test_the_bias_is_the_recorded_fields(result, demo_stack):
+    """The written bias is exactly what fields.json says (section lattices, their depth profiles and gains, and
+    the global lattice, evaluated here independently of the apply pass), and corrected is the input divided by
+    it.  Replaces a check that multiplied corrected by bias, which restated the apply's own arithmetic."""
+    from octn4.bspline import BSplineField
+
+    fields = json.loads((result / "fields.json").read_text())
+    shape = (96, 192, 192)
+    log_b = np.zeros(shape)
+    for sec in fields["sections"]:
+        z0, z1 = sec["z_start"], sec["z_stop"]
+        log_b[z0:z1] = BSplineField.from_dict(sec["field"]).evaluate(np.arange(z1 - z0)) + sec["gain_log"]
+    log_b += BSplineField.from_dict(fields["global"]).evaluate(np.arange(shape[0]))
+    bias = read(result / "bias.ome.zarr")
+    np.testing.assert_allclose(bias, np.exp(log_b), rtol=2e-6)
+    assert np.ptp(np.log(bias)) > 0.5                                  # a real field, not an identity
+    raw = read(demo_stack / "volume.ome.zarr")
+    np.testing.assert_allclose(read(result / "corrected.ome.zarr"), raw / np.exp(log_b), rtol=2e-6)
 
 
 def test_correction_against_the_known_bias(result, demo_stack):
-    """Issue acceptance: log-bias error <= 0.7x uncorrected, boundary steps <= 0.5x uncorrected."""
+    """Measured on this stack (README, Quick start): log-bias error 0.261 -> 0.0179, boundary-step RMS of the
+    bias left 0.665 -> 0.0125.  Bounded at 0.025 and 0.02 (about 1.5x what is measured; the bounds were 0.7x
+    and 0.5x of uncorrected, 10x and 27x looser)."""
     truth = read(demo_stack / "truth_bias.ome.zarr")
     tissue = read(demo_stack / "labels.ome.zarr") > 0
     est = read(result / "bias.ome.zarr")
     before = log_bias_error(np.ones_like(truth), truth, tissue)
     after = log_bias_error(est, truth, tissue)
-    assert after <= 0.7 * before, (before, after)
+    assert before > 0.25 and after <= 0.025, (before, after)
 
     bounds = json.loads((demo_stack / "synth.json").read_text())["sections"]
     clean = read(demo_stack / "clean.ome.zarr")
@@ -64,7 +84,7 @@ def test_correction_against_the_known_bias(result, demo_stack):
 
     raw = step_rms(read(demo_stack / "volume.ome.zarr"))
     corrected = step_rms(read(result / "corrected.ome.zarr"))
-    assert corrected <= 0.5 * raw, (raw, corrected)
+    assert raw > 0.6 and corrected <= 0.02, (raw, corrected)
 
 
 def test_metrics_report_sections_before_and_after(result):
@@ -138,3 +158,92 @@ def test_a_single_section_runs_and_says_it_has_no_boundary(small_stack, tmp_path
     assert "one section, no boundary" in capsys.readouterr().out
     fields = json.loads((tmp_path / "one" / "fields.json").read_text())
     assert len(fields["sections"][0]["field"]["z_profile"]) == 48     # the depth model with one section
+
+
+# --------------------------------------------------------------------------- what the outputs must say
+
+
+def _write(path, data, vs=(0.05, 0.05, 0.05)):
+    from octn4.io import OmeZarrWriter
+
+    with OmeZarrWriter(path, data.shape, vs) as w:
+        w.write(0, data)
+        w.commit()
+    return path
+
+
+def _speckled(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.gamma(4, 0.25, shape).astype(np.float32)
+
+
+def test_a_near_empty_section_is_flagged(tmp_path):
+    """Guards: a section with too few positive voxels for a threshold became all tissue (agarose included),
+    recorded only as nulls in the mask's attributes; metrics and report said nothing."""
+    vol = _speckled((12, 40, 40))
+    vol[:, 10:30, 10:30] *= 8
+    vol[4:8] = 0                                    # a slab that is not there: no positive voxel
+    inp = _write(tmp_path / "v.ome.zarr", vol)
+    out = tmp_path / "out"
+    assert main(["run", str(inp), str(out), "--sections", "3", "--mask-sigma-z", "0", *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["summary"]["sections_near_empty"] == [1]
+    assert "near-empty: no tissue threshold, whole slab taken as tissue" in m["sections"][1]["flags"]
+    assert not any("near-empty" in f for s in (m["sections"][0], m["sections"][2]) for f in s["flags"])
+    assert 1 in m["summary"]["sections_flagged"]
+    assert "near-empty sections" in (out / "report" / "report.html").read_text()
+
+
+def test_a_run_whose_boundaries_are_all_bridged_says_so(tmp_path):
+    """Guards: with no tissue shared across any boundary the gains were never measured, and only a log line
+    said so."""
+    vol = _speckled((12, 40, 40))
+    vol[:6, 5:35, 2:14] *= 8                        # section 0's tissue on the left ...
+    vol[6:, 5:35, 26:38] *= 8                       # ... section 1's on the right: no shared tissue
+    inp = _write(tmp_path / "v.ome.zarr", vol)
+    out = tmp_path / "out"
+    assert main(["run", str(inp), str(out), "--sections", "2", *FAST]) == 0
+    s = json.loads((out / "metrics.json").read_text())["summary"]
+    assert [b["bridged"] for b in s["gain_boundaries"]] == [True]
+    assert s["all_boundaries_bridged"] is True
+    assert "every boundary was bridged" in (out / "report" / "report.html").read_text()
+
+
+def test_workflow_stages_record_the_parameters_they_ran_with(small_stack, tmp_path):
+    """Guards: octn4_global.py built RunConfig(n_sections=1, ...) with default mask and section settings, and
+    that is what corrected, bias, metrics.json and the report recorded, whatever the mask and section tasks
+    ran.  Chained as the workflow chains them, with non-default mask and section options, the global
+    stage's outputs record the parameters octn4 run records for the same options."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(__file__).resolve().parent.parent / "bin"
+    inp = str(small_stack / "volume.ome.zarr")
+    mask_opts = ["--mask-method", "reference", "--mask-sigma", "1.5"]
+    section_opts = ["--depth-model", "none", "--shrink-mode", "subsample", "--iterations", "4,3"]
+    global_opts = ["--global-iterations", "5", "--global-shrink", "4", "--gain-anchor", "none"]
+
+    def call(script, *args):
+        r = subprocess.run([sys.executable, str(bin_dir / script), *args, "-q"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    mask = str(tmp_path / "mask.ome.zarr")
+    call("octn4_mask.py", inp, mask, "--planes", "14,18,16", *mask_opts)
+    for i in range(3):
+        call("octn4_section.py", inp, mask, str(tmp_path / f"s{i}.json"), "--index", str(i), "--planes", "14,18,16",
+             *section_opts)
+    call("octn4_assemble.py", str(tmp_path / "all.json"), *(str(tmp_path / f"s{i}.json") for i in range(3)))
+    call("octn4_global.py", inp, mask, str(tmp_path / "all.json"), str(tmp_path / "out"), *global_opts)
+    assert main(["run", inp, str(tmp_path / "run"), "--planes", "14,18,16", *mask_opts, *section_opts,
+                 *global_opts, "-q"]) == 0
+    wf = json.loads((tmp_path / "out" / "metrics.json").read_text())["provenance"]["parameters"]
+    run = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]["parameters"]
+    for key in ("n_sections", "planes", "mask", "section_n4", "global_n4", "gains", "engine", "device"):
+        assert wf[key] == run[key], key
+    assert wf["planes"] == [14, 18, 16] and wf["mask"]["method"] == "reference"
+    assert wf["section_n4"]["depth_model"] == "none" and wf["section_n4"]["maximum_number_of_iterations"] == [4, 3]
+    attrs = read_attrs(tmp_path / "out" / "corrected.ome.zarr")
+    assert attrs["parameters"]["mask"]["smoothing_sigma"] == 1.5
+    assert [s["command"][0] for s in attrs["stages"]["sections"]] == ["octn4_section.py"] * 3
+    assert attrs["stages"]["mask"]["command"][0] == "octn4_mask.py"

@@ -36,7 +36,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -61,7 +61,7 @@ from .gains import (
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
 from .mask import MaskParams, above_in_plane, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
-from .n4 import ENGINES, FitResult, N4Params, fit_bias, fit_bias_batch, resolve_device, shrink_factors
+from .n4 import ENGINES, FitResult, N4Params, choose_device, fit_bias, fit_bias_batch, shrink_factors
 from .progress import progress
 from .sections import section_bounds
 from .shrink import block_indices, block_mean_plane
@@ -102,6 +102,8 @@ class RunConfig:
     engine: str = "octn4"
     device: str = "cpu"              # 'cpu', 'cuda' or 'auto'; resolved to 'cpu' or 'cuda' on creation
     batch_sections: int = 0          # sections per batched fit (octn4 engine); 0 = auto
+    device_requested: str = field(default="cpu", init=False)   # what was asked for ('auto' included)
+    device_choice: str | None = field(default=None, init=False)  # why 'auto' chose what it did
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -109,7 +111,10 @@ class RunConfig:
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {DEVICES}; got {self.device!r}")
         # fail now, naming what is missing, rather than after the mask stage
-        object.__setattr__(self, "device", resolve_device(self.device, self.engine))
+        object.__setattr__(self, "device_requested", self.device)
+        device, why = choose_device(self.device, self.engine)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "device_choice", why)
         if self.batch_sections < 0:
             raise InputError(f"batch_sections must be >= 0 (0 = auto); got {self.batch_sections}")
         if self.batch_sections > 1 and self.engine != "octn4":
@@ -137,14 +142,16 @@ class RunConfig:
 
     def as_dict(self) -> dict:
         return {
-            "n_sections": self.n_sections, "planes": None if self.planes is None else list(self.planes),
+            "n_sections": self.n_sections if self.planes is None else len(self.planes),
+            "planes": None if self.planes is None else list(self.planes),
             "voxel_size_override_mm": None if self.voxel_size is None else list(self.voxel_size),
             "mask_path": None if self.mask_path is None else os.path.abspath(self.mask_path),
             "mask": self.mask.as_dict(), "section_n4": self.section_n4.as_dict(),
             "global_n4": self.global_n4.as_dict(), "gains": self.gains.as_dict(),
             "workers": self.workers, "threads": self.total_threads,
             "output_format": self.output_format, "check_log_scale": self.check_log_scale,
-            "engine": self.engine, "device": self.device, "batch_sections": self.batch_sections,
+            "engine": self.engine, "device": self.device, "device_requested": self.device_requested,
+            "device_choice": self.device_choice, "batch_sections": self.batch_sections,
         }
 
 
@@ -642,24 +649,56 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                              for r in records],
                 "global": gfit.field.to_dict()}, outdir / "fields.json")
     bounds = [(r["z_start"], r["z_stop"]) for r in records]
-    metrics = _metrics(vol, stats, bounds, records, gfit, attrs, timings)
+    metrics = _metrics(vol, stats, bounds, records, gfit, attrs, timings, near_empty=near_empty_sections(msk, bounds))
     write_json(metrics, outdir / "metrics.json")
     return metrics
 
 
-def _metrics(vol, stats, bounds, records, gfit, attrs, timings) -> dict:
-    rows = section_summary(stats, bounds, vol.voxel_size,
+def _finite_mean(a, *, root=False):
+    """Mean of the finite values of ``a`` (its square root with ``root``); None when there are none."""
+    a = np.asarray(a, float)
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return None
+    m = float(np.mean(a))
+    return math.sqrt(m) if root else m
+
+
+def near_empty_sections(msk: Volume, bounds) -> list[int]:
+    """Sections in which the mask stage found no tissue threshold on any plane (the whole slab is tissue)."""
+    thr = _plane_thresholds(msk)
+    if thr is None:                   # a user's mask: it says what tissue is
+        return []
+    out = [i for i, (z0, z1) in enumerate(bounds) if np.all(np.isneginf(thr[z0:z1]))]
+    for i in out:
+        log.warning("section %d: the mask found too few positive voxels for a tissue threshold and took the whole "
+                    "slab as tissue; its correction is flagged", i)
+    return out
+
+
+def _metrics(vol, stats, bounds, records, gfit, attrs, timings, near_empty=()) -> dict:
+    rows = section_summary(stats, bounds, vol.voxel_size, near_empty=near_empty,
                            fits=[dict(r["fit"], gain_log=r.get("gain_log", 0.0),
                                       gain_anchor_log=r.get("gain_anchor_log")) for r in records])
     summary = {}
     for name in ("before", "after"):
         steps = np.array(boundary_steps(np.log(stats.median[name]), bounds), float)
-        slopes = np.array([r[f"depth_slope_per_mm_{name}"] or np.nan for r in rows], float)
-        summary[f"boundary_step_rms_{name}"] = float(np.sqrt(np.nanmean(steps ** 2))) if steps.size else None
-        summary[f"depth_slope_abs_mean_{name}"] = float(np.nanmean(np.abs(slopes)))
-        summary[f"cv_median_{name}"] = float(np.nanmedian([r[f"cv_{name}"] or np.nan for r in rows]))
+        slopes = np.array([np.nan if r[f"depth_slope_per_mm_{name}"] is None else r[f"depth_slope_per_mm_{name}"]
+                           for r in rows], float)
+        cvs = np.array([np.nan if r[f"cv_{name}"] is None else r[f"cv_{name}"] for r in rows], float)
+        summary[f"boundary_step_rms_{name}"] = _finite_mean(steps ** 2, root=True)
+        summary[f"depth_slope_abs_mean_{name}"] = _finite_mean(np.abs(slopes))   # None: no section has 3 planes
+        summary[f"cv_median_{name}"] = float(np.median(cvs[np.isfinite(cvs)])) if np.isfinite(cvs).any() else None
     summary["sections_flagged"] = [r["index"] for r in rows if r["flags"]]
-    summary["gain_boundaries"] = attrs.get("gain_boundaries", [])
+    summary["sections_near_empty"] = list(near_empty)
+    summary["gain_boundaries"] = gb = attrs.get("gain_boundaries", [])
+    summary["all_boundaries_bridged"] = bool(gb) and all(b["bridged"] for b in gb)
+    params = attrs.get("parameters", {})
+    summary["device_choice"] = params.get("device_choice")
+    summary["device_fallback"] = params.get("device_choice") if params.get("device_requested") == "auto" and \
+        params.get("device") == "cpu" else None
+    if summary["all_boundaries_bridged"]:
+        log.warning("gains: every section boundary was bridged; the section gains were not measured")
     return {
         "input": os.path.abspath(vol.path),
         "shape": list(vol.shape),
@@ -709,8 +748,8 @@ def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: 
         raise InputError(f"sections cover planes {records[0]['z_start']}..{records[-1]['z_stop']} but the "
                          f"volume has {vol.shape[0]}", sections_json)
     bounds = [[r["z_start"], r["z_stop"]] for r in records]
-    attrs = provenance("global", vol, config.as_dict(), engine=config.engine, device=config.device,
-                       extra={"sections": bounds})
+    attrs = provenance("global", vol, stage_parameters(config, msk, records), engine=config.engine,
+                       device=config.device, extra={"sections": bounds, "stages": _stage_records(msk, records)})
     timings: dict[str, float] = {}
     with atomic_dir(outdir, overwrite=config.overwrite) as tmp:
         metrics = stage_global(vol, msk, records, tmp, config=config, attrs=attrs, timings=timings)
@@ -718,6 +757,51 @@ def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: 
         metrics["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         write_json(metrics, tmp / "metrics.json")
     return metrics
+
+
+def stage_parameters(config: RunConfig, msk: Volume, records) -> dict:
+    """The parameters the run's stages really used, for the global stage's outputs.
+
+    ``config`` holds only the global stage's own options (gains, global N4,
+    output); the mask's and the sections' come from the records those stages
+    wrote (the mask's attributes, each section record's provenance), and the
+    section layout from the records themselves.
+    """
+    from .io import read_attrs
+
+    d = config.as_dict()
+    sizes = [r["z_stop"] - r["z_start"] for r in records]
+    equal = section_bounds(msk.shape[0], n_sections=len(records)) == [(r["z_start"], r["z_stop"]) for r in records]
+    d.update(n_sections=len(records), planes=None if equal else sizes, workers=None)
+    try:
+        mask_params = read_attrs(msk.path).get("parameters", {}).get("mask")
+    except (OSError, ValueError):
+        mask_params = None
+    d["mask"] = mask_params          # None: a mask made elsewhere, without octn4's record
+    per_section = [r.get("provenance", {}).get("parameters", {}).get("section_n4") for r in records]
+    d["section_n4"] = per_section[0] if all(p == per_section[0] for p in per_section) else per_section
+    sec = [r.get("provenance", {}) for r in records]
+    d["section_engine"] = _common([p.get("engine") for p in sec])
+    d["section_device"] = _common([p.get("device") for p in sec])
+    return d
+
+
+def _common(values):
+    """The one value all entries share, else the list."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _stage_records(msk: Volume, records) -> dict:
+    """Who made the mask and each section record: version, time, command (from their own provenance)."""
+    from .io import read_attrs
+
+    keys = ("octn4_version", "created", "command", "engine", "device")
+    try:
+        m = read_attrs(msk.path)
+    except (OSError, ValueError):
+        m = {}
+    return {"mask": {k: m.get(k) for k in keys[:3]},
+            "sections": [dict({k: r.get("provenance", {}).get(k) for k in keys}, index=r["index"]) for r in records]}
 
 
 def _section_task(args):

@@ -37,20 +37,35 @@ def _output(results: Path, name: str) -> Path:
     raise InputError(f"no {name} output (.ome.zarr or .nii.gz) in the results folder", results)
 
 
-def _cut(vol, axis: int, index: int, max_px: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """A plane through ``vol`` normal to ``axis`` at ``index``, at most ``max_px`` a side.
+def _cuts(vol, z: int, y: int, x: int, max_px: int) -> dict:
+    """The XY, XZ and YZ planes through ``vol`` at ``(z, y, x)``, at most ``max_px`` a side.
 
-    Returns the image (rows, cols) and the physical size (mm) of one displayed pixel.
+    Returns, per view, the image (rows, cols) and the physical size (mm) of
+    one displayed pixel.  Zarr volumes are read view by view (a row or a
+    column of each sampled plane touches only the chunks that hold it); a
+    NIfTI file, which can only be read forwards, in one pass over the sampled
+    planes, keeping a row and a column of each.  ``y`` and ``x`` are
+    multiples of the Y/X strides (see :func:`_centre`).
     """
     kz, ky, kx = (max(1, math.ceil(n / max_px)) for n in vol.shape)
     vz, vy, vx = vol.voxel_size
-    zs = np.arange(0, vol.shape[0], kz)
+    zs = list(range(0, vol.shape[0], kz))
     sy, sx = slice(0, vol.shape[1], ky), slice(0, vol.shape[2], kx)
-    if axis == 0:   # XY: one plane
-        return vol.read(index, index + 1, sy, sx)[0], (vy * ky, vx * kx)
-    if axis == 1:   # XZ: one row of the sampled planes
-        return vol.read_planes(zs, slice(index, index + 1), sx)[:, 0, :], (vz * kz, vx * kx)
-    return vol.read_planes(zs, sy, slice(index, index + 1))[:, :, 0], (vz * kz, vy * ky)   # YZ
+    px = {"XY": (vy * ky, vx * kx), "XZ": (vz * kz, vx * kx), "YZ": (vz * kz, vy * ky)}
+    if vol.format != "nifti":
+        return {"XY": (vol.read(z, z + 1, sy, sx)[0], px["XY"]),
+                "XZ": (vol.read_planes(zs, slice(y, y + 1), sx)[:, 0, :], px["XZ"]),
+                "YZ": (vol.read_planes(zs, sy, slice(x, x + 1))[:, :, 0], px["YZ"])}
+    sampled = set(zs)
+    planes_z = sorted(sampled | {z})
+    xy, rows, cols = None, [], []
+    for k, plane in zip(planes_z, vol.iter_planes(planes_z, sy, sx)):
+        if k == z:
+            xy = plane
+        if k in sampled:
+            rows.append(plane[y // ky])
+            cols.append(plane[:, x // kx])
+    return {"XY": (xy, px["XY"]), "XZ": (np.stack(rows), px["XZ"]), "YZ": (np.stack(cols), px["YZ"])}
 
 
 def _centre(mask_path, metrics, max_px: int) -> tuple[int, int, int]:
@@ -80,9 +95,10 @@ def orthogonal_views(results, metrics, *, max_px: int = 512, mask=None) -> dict:
     if vols["mask"].shape != vols["corrected"].shape:
         raise InputError(f"mask shape {vols['mask'].shape} does not match the results' {vols['corrected'].shape}",
                          mask_path)
+    cuts = {n: _cuts(v, z, y, x, max_px) for n, v in vols.items()}
     views = {}
-    for name, axis, index in zip(VIEW_NAMES, (0, 1, 2), (z, y, x)):
-        cut = {n: _cut(v, axis, index, max_px) for n, v in vols.items()}
+    for name in VIEW_NAMES:
+        cut = {n: c[name] for n, c in cuts.items()}
         views[name] = {
             "input": cut["corrected"][0] * cut["bias"][0],
             "corrected": cut["corrected"][0],
@@ -231,7 +247,8 @@ def _facts_table(metrics) -> str:
         ("shape (Z, Y, X)", metrics.get("shape")),
         ("voxel size (mm)", f"{metrics.get('voxel_size_mm')} ({p.get('voxel_size_source', '?')})"),
         ("sections", len(metrics.get("sections", []))),
-        ("engine / device", f"{p.get('engine')} / {p.get('device')}"),
+        ("engine / device", f"{p.get('engine')} / {p.get('device')}"
+                            + (f" ({params['device_choice']})" if params.get("device_choice") else "")),
         ("per-section N4", json.dumps(params.get("section_n4"))),
         ("global N4", json.dumps(params.get("global_n4"))),
         ("global fit", json.dumps({k: metrics.get("global_fit", {}).get(k)
@@ -302,7 +319,24 @@ def _summary_table(summary) -> str:
             + row("boundary step RMS (log)", "boundary_step_rms")
             + row("mean |depth slope| (log/mm)", "depth_slope_abs_mean")
             + row("median section CV", "cv_median")
-            + f"<tr><th>sections flagged</th><td>{_fmt(flagged) if flagged else 'none'}</td></tr></table>")
+            + f"<tr><th>sections flagged</th><td>{_fmt(flagged) if flagged else 'none'}</td></tr>"
+            + "".join(f"<tr class='flag'><th>{label}</th><td>{text}</td></tr>" for label, text in _warnings(summary))
+            + "</table>")
+
+
+def _warnings(summary) -> list[tuple[str, str]]:
+    """Run-level warnings for the summary table: (label, text)."""
+    out = []
+    if summary.get("sections_near_empty"):
+        out.append(("near-empty sections", f"{_fmt(summary['sections_near_empty'])}: no tissue threshold, the whole "
+                                           "slab (agarose included) was taken as tissue; do not trust their "
+                                           "correction"))
+    if summary.get("all_boundaries_bridged"):
+        out.append(("section gains", "every boundary was bridged (too little shared tissue): the gains between "
+                                     "sections were not measured"))
+    if summary.get("device_fallback"):
+        out.append(("device", html.escape(summary["device_fallback"])))
+    return out
 
 
 def _mqc_table(name: str, summary: dict, n_sections: int) -> str:

@@ -66,8 +66,12 @@ def renderOne(job) {
     assert pr : "process ${job.process} not found in ${job.file}"
     def binding = new Binding(job.bindings)
     def task = job.bindings.task
+    def params = job.params ?: [:]
+    (job.ext_sources ?: [:]).each { key, src ->      // every ext.<key> of the process's withName block
+        def c = new GroovyShell(new Binding([params: params])).evaluate(src)
+        task.ext[key] = (c instanceof Closure ? c.call() : c)?.toString()
+    }
     if (job.ext_args_source) {
-        def params = job.params ?: [:]
         def c = new GroovyShell(new Binding([params: params])).evaluate(job.ext_args_source)
         task.ext.args = (c instanceof Closure ? c.call() : c)?.toString()
     }

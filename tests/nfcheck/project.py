@@ -54,9 +54,9 @@ def with_label_blocks(config_text: str) -> dict[str, str]:
     return out
 
 
-def ext_args_source(body: str) -> str | None:
-    """The right-hand side of ``ext.args = ...`` in a withName body (a string or a closure)."""
-    m = re.search(r"ext\.args\s*=\s*", body)
+def ext_args_source(body: str, key: str = "args") -> str | None:
+    """The right-hand side of ``ext.<key> = ...`` in a withName body (a string or a closure)."""
+    m = re.search(rf"ext\.{key}\s*=\s*", body)
     if not m:
         return None
     rest = body[m.end():]
@@ -123,13 +123,23 @@ class Project:
         blocks = with_name_blocks(self.config_text("conf/modules.config"))
         return {name: src for name, body in blocks.items() if (src := ext_args_source(body))}
 
+    @cached_property
+    def ext_sources(self) -> dict[str, dict[str, str]]:
+        """Every ``ext.<key>`` a withName block sets (args, device, ...), per process."""
+        out = {}
+        for name, body in with_name_blocks(self.config_text("conf/modules.config")).items():
+            keys = dict.fromkeys(re.findall(r"ext\.(\w+)\s*=", body))
+            out[name] = {k: src for k in keys if (src := ext_args_source(body, k))}
+        return out
+
     def render(self, jobs: list[dict], params: dict) -> list[dict]:
         """Each job: process name, block ('script'|'stub'), bindings (task, meta, inputs...)."""
         payload = []
         for j in jobs:
             proc = self.processes[j["process"]]
             payload.append(dict(file=str(proc.file), process=proc.name, block=j["block"], bindings=j["bindings"],
-                                ext_args_source=self.ext_args.get(proc.name), params=params))
+                                ext_args_source=self.ext_args.get(proc.name),
+                                ext_sources=self.ext_sources.get(proc.name, {}), params=params))
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
             json.dump(payload, fh)
         try:

@@ -1,8 +1,9 @@
 /*
  * N4_GLOBAL: section gains, global N4 over the re-assembled stack, then the corrected volume,
  * the bias, every fitted field and per-section metrics, written tile by tile.
- * Fits on a GPU when the task was given one (task.accelerator) and the engine is octn4's, on the CPU
- * otherwise; the device used is recorded in the outputs.
+ * Fits on the GPU when the task was given one (task.accelerator) and the engine is octn4's (and fails,
+ * naming what is missing, when that GPU is not usable), on the CPU otherwise; the device is recorded in
+ * the outputs.
  */
 process N4_GLOBAL {
     tag "${meta.id}"
@@ -21,8 +22,10 @@ process N4_GLOBAL {
 
     script:
     def args = task.ext.args ?: ''
-    // a task granted a GPU fits there when the engine can (octn4 + CuPy); without one it runs on the CPU
-    def device = task.accelerator ? 'auto' : 'cpu'
+    // a task granted a GPU must fit there: --device cuda fails loudly (exit 2) when CuPy or the device is
+    // missing (a CPU-only image, Docker without --gpus); ext.device may say 'cpu' (the SimpleITK engine)
+    // or 'auto' (recorded as a warning in the outputs); without an accelerator it fits on the CPU
+    def device = task.accelerator ? (task.ext.device ?: 'cuda') : 'cpu'
     def voxel = meta.voxel_size ? "--voxel-size ${meta.voxel_size}" : ''
     """
     export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
