@@ -270,7 +270,7 @@ def _cmd_run(a) -> None:
         global_n4=n4_params(a, "global-"), gains=gain_params(a), workers=a.workers, threads=a.threads,
         output_format=a.format, overwrite=a.overwrite, check_log_scale=not a.skip_log_scale_check,
         engine=a.engine, device=a.device, batch_sections=a.batch_sections)
-    m = run(a.input, a.outdir, config)
+    m = run(a.input, a.outdir, config, resume=a.resume)
     s = m["summary"]
     if s["boundary_step_rms_before"] is None:      # one section: no boundary
         steps = "one section, no boundary"
@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_input_args(r)
     r.add_argument("--mask", type=Path, default=None,
                    help="tissue mask to use (same shape; non-zero = tissue) instead of computing one")
+    r.add_argument("--resume", action="store_true",
+                   help="reuse what an interrupted run into the same OUTDIR finished (the mask, fitted sections; "
+                        "kept in .OUTDIR.partial), each checked against the input's content and the parameters "
+                        "it was made with; whatever does not match is recomputed")
     r.add_argument("--workers", type=int, default=1, help="sections fitted in parallel (processes)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads in total (default: all cores)")
     r.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")

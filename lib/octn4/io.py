@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +325,7 @@ class ScanResult:
     n_positive: int
     positive_p001: float   # 0.1th percentile of a sample of positive values
     positive_p999: float   # 99.9th percentile of the same sample
+    digest: str = ""       # CRC-32 of every value as float32, with the shape: what the volume holds
 
 
 def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000) -> ScanResult:
@@ -334,8 +336,10 @@ def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000) -> Scan
     per_slab = max(1000, sample * slab // max(z_total, 1))
     rng = np.random.default_rng(0)
     picks = []
+    crc = zlib.crc32(repr(tuple(vol.shape)).encode())
     for z0 in range(0, z_total, slab):
         a = vol.read(z0, z0 + slab)
+        crc = zlib.crc32(np.ascontiguousarray(a), crc)
         finite = np.isfinite(a)
         bad = a.size - int(finite.sum())
         if bad:
@@ -350,7 +354,7 @@ def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000) -> Scan
             picks.append(rng.choice(pos.ravel(), size=min(per_slab, pos.size)))   # O(sample), not O(slab)
     pool = np.concatenate(picks) if picks else np.zeros(0, np.float32)
     p001, p999 = (np.percentile(pool, [0.1, 99.9]) if pool.size else (np.nan, np.nan))
-    return ScanResult(vmin, vmax, nonfinite, negative, positive, float(p001), float(p999))
+    return ScanResult(vmin, vmax, nonfinite, negative, positive, float(p001), float(p999), f"crc32:{crc:08x}")
 
 
 #: Linear OCT intensity spans decades (speckle alone spans >10x between its

@@ -25,6 +25,7 @@ tile (apply), whatever the volume size.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ import resource
 import shutil
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,11 +218,15 @@ def volume_sections(vol: Volume, *, n_sections=None, planes=None):
         raise InputError(exc.problem, vol.path) from None
 
 
-def open_input(path, *, voxel_size=None, check_log_scale=True) -> Volume:
-    """Open and validate the input (one streaming pass); raise :class:`InputError` on bad data."""
+def open_input(path, *, voxel_size=None, check_log_scale=True, with_scan=False):
+    """Open and validate the input (one streaming pass); raise :class:`InputError` on bad data.
+
+    Returns the volume, or ``(volume, scan)`` with ``with_scan`` (the scan's digest identifies the content).
+    """
     vol = open_volume(path, voxel_size=voxel_size)
-    validate_scan(scan_volume(vol), vol.path, check_log_scale=check_log_scale)
-    return vol
+    scan = scan_volume(vol)
+    validate_scan(scan, vol.path, check_log_scale=check_log_scale)
+    return (vol, scan) if with_scan else vol
 
 
 def _open_mask(path, vol: Volume) -> Volume:
@@ -261,20 +267,24 @@ def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict
     return thresholds
 
 
-def copy_mask(src: Volume, out_path, *, attrs: dict, vol: Volume | None = None, slab: int = 16) -> None:
+def copy_mask(src: Volume, out_path, *, attrs: dict, vol: Volume | None = None, slab: int = 16,
+              overwrite: bool = False) -> str:
     """Write a user-supplied mask (any non-zero value is tissue) as the run's uint8 mask, with the per-plane
-    statistics of ``vol`` under it when given."""
+    statistics of ``vol`` under it when given.  Returns the digest of the mask written (CRC-32)."""
     stats = _PlaneStatsRecorder(src.shape[0])
+    crc = zlib.crc32(repr(tuple(src.shape)).encode())
     with create_writer(out_path, src.shape, src.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
-                       attrs=attrs, affine=src.affine) as w:
+                       attrs=attrs, affine=src.affine, overwrite=overwrite) as w:
         for z0 in range(0, src.shape[0], slab):
             block = (src.read(z0, z0 + slab) != 0).astype(np.uint8)
+            crc = zlib.crc32(block, crc)
             w.write(z0, block)
             if vol is not None:
                 stats(z0, vol.read(z0, z0 + block.shape[0]), block > 0)
         if vol is not None:
             stats.store(w.attrs)
         w.commit()
+    return f"crc32:{crc:08x}"
 
 
 def _section_sampling(vol: Volume, bounds, index: int, params: N4Params):
@@ -398,14 +408,16 @@ def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, 
 
 
 def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, batch: int, device: str = "cpu",
-                         progress_step=None) -> list[dict]:
-    """N4 on every section with octn4's engine, equal-shaped sections fitted ``batch`` at a time.
+                         progress_step=None, indices=None, on_record=None) -> list[dict]:
+    """N4 on every section (or those in ``indices``) with octn4's engine, equal-shaped sections fitted
+    ``batch`` at a time; ``on_record(record)`` is called as each batch finishes.
 
     Gives the records :func:`fit_section` gives one by one (same fit grids,
-    same lattices); only the loop is shared.
+    same lattices); only the loop is shared.  Returns them ordered by index.
     """
     groups: dict[tuple, list[int]] = {}
-    for i, (z0, z1) in enumerate(bounds):
+    for i in range(len(bounds)) if indices is None else indices:
+        z0, z1 = bounds[i]
         groups.setdefault((z1 - z0,), []).append(i)
     records = []
     stack = stack_depth_profile(msk, bounds, params)
@@ -418,11 +430,16 @@ def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, 
             fits = fit_bias_batch([g[2] for g in grids], [g[3] for g in grids], full_shape=shape, shrink=s,
                                   voxel_size=vol.voxel_size, params=params, device=device)
             hists = [_corrected_histogram(vol, bounds, i, params, f, g[2], g[3]) for i, f, g in zip(chunk, fits, grids)]
-            records += [_section_record(bounds, i, _with_profile(f, prof[i]), h)
-                        for i, f, h in zip(chunk, fits, hists)]
+            done = [_section_record(bounds, i, _with_profile(f, prof[i]), h) for i, f, h in zip(chunk, fits, hists)]
+            for rec in done:
+                if on_record is not None:
+                    on_record(rec)
+            records += done
             if progress_step is not None:
                 progress_step(len(chunk))
-    return assemble_sections(records, len(bounds))
+    if indices is None:
+        return assemble_sections(records, len(bounds))
+    return sorted(records, key=lambda r: r["index"])
 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
@@ -635,7 +652,7 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                  section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0),
                                     gain_anchor_log=r.get("gain_anchor_log")) for r in records])
     t0 = time.perf_counter()
-    kw = dict(chunks=CHUNKS, overwrite=config.overwrite, affine=vol.affine)
+    kw = dict(chunks=CHUNKS, overwrite=True, affine=vol.affine)   # outdir is a private temporary folder
     with create_writer(outdir / f"corrected{ext}", vol.shape, vol.voxel_size,
                        attrs=dict(attrs, output="corrected"), **kw) as wc, \
             create_writer(outdir / f"bias{ext}", vol.shape, vol.voxel_size,
@@ -832,40 +849,125 @@ def _ingest(vol: Volume, path: Path) -> Volume:
     return open_volume(path, voxel_size=vol.voxel_size)
 
 
-def run(input_path, outdir, config: RunConfig) -> dict:
+@contextmanager
+def run_folder(outdir, *, overwrite: bool, resume: bool):
+    """The folder a local run builds ``outdir`` in: ``.<name>.partial`` beside it, renamed when complete.
+
+    It has a fixed name, so that a run that died (killed, out of memory)
+    leaves its finished stages where ``resume`` finds them; it is locked
+    while a run uses it.  Without ``resume`` an earlier run's leftovers are
+    discarded.  On a bad input it is removed; on any other failure it is
+    kept (it does not look like an output: hidden, no final name) and a
+    warning says how to reuse it.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not overwrite:
+        raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
+    tmp = outdir.with_name(f".{outdir.name}.partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    lock = open(tmp / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise InputError("another octn4 run is writing this output now (its partial folder is locked)", tmp) from None
+    leftovers = [p for p in tmp.iterdir() if p.name != ".lock"]
+    if leftovers and not resume:
+        log.warning("discarding the partial results of an earlier run in %s (pass --resume to reuse them)", tmp)
+    for p in leftovers:   # without resume everything goes; with it, what a killed writer left half-written
+        if not resume or ".partial-" in p.name:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    try:
+        yield tmp
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        lock.close()
+        (tmp / ".lock").unlink()
+        replace_path(tmp, outdir)
+    except InputError:
+        lock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except BaseException:
+        lock.close()
+        log.warning("the run stopped; its finished stages are kept in %s: run the same command with --resume to "
+                    "reuse them", tmp)
+        raise
+
+
+def _resume_keys(scan, vol: Volume, bounds, config: RunConfig, mask_digest=None) -> dict:
+    """What each resumable stage's result depends on: the input's content, its geometry, the layout, the
+    stage's parameters, octn4's version.  A stored result is reused only when its key is equal."""
+    base = {"octn4_version": __version__, "input_digest": scan.digest, "shape": list(vol.shape),
+            "voxel_size_mm": list(vol.voxel_size), "sections": [list(b) for b in bounds]}
+    mask = dict(base, mask=config.mask.as_dict(), mask_digest=mask_digest)
+    sec = dict(base, mask_key=mask, section_n4=config.section_n4.as_dict(), engine=config.engine,
+               device=config.device)
+    return json.loads(json.dumps({"mask": mask, "sections": [dict(sec, index=i) for i in range(len(bounds))]}))
+
+
+def _reusable_mask(path: Path, key: dict) -> bool:
+    from .io import read_attrs
+
+    if not path.exists():
+        return False
+    try:
+        return read_attrs(path).get("resume_key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def run(input_path, outdir, config: RunConfig, *, resume: bool = False) -> dict:
     """Correct ``input_path`` into ``outdir`` (created complete, or not at all).
 
     Writes ``corrected``, ``bias`` and ``mask`` (OME-Zarr by default, NIfTI
     on request), ``fields.json`` (every fitted lattice) and ``metrics.json``
     (per-section statistics before/after, timings, peak memory, provenance).
     Returns the metrics.
+
+    ``resume``: reuse what an interrupted run of the same job finished in
+    ``.<outdir>.partial`` (:func:`run_folder`): its mask and each section
+    record whose key (:func:`_resume_keys`: input content digest, geometry,
+    layout, parameters, engine, device, octn4 version) equals this run's.
+    Anything else is recomputed; the global fit and the apply always are.
     """
     outdir = Path(outdir)
     if outdir.exists() and not config.overwrite:
         raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    vol = open_input(input_path, voxel_size=config.voxel_size, check_log_scale=config.check_log_scale)
+    vol, scan = open_input(input_path, voxel_size=config.voxel_size, check_log_scale=config.check_log_scale,
+                           with_scan=True)
     bounds = config.bounds(vol)
     timings["validate"] = time.perf_counter() - t_start
-    with atomic_dir(outdir, overwrite=config.overwrite) as tmp:
+    with run_folder(outdir, overwrite=config.overwrite, resume=resume) as tmp:
         attrs = provenance("run", vol, config.as_dict(), engine=config.engine, device=config.device,
-                           extra={"sections": [list(b) for b in bounds]})
+                           extra={"sections": [list(b) for b in bounds], "input_digest": scan.digest})
         work = _ingest(vol, tmp / ".work" / "input.zarr") if vol.format == "nifti" else vol
         ext = ".nii.gz" if config.output_format == "nifti" else ".ome.zarr"
         mask_path = tmp / f"mask{ext}"
         t0 = time.perf_counter()
+        reused = {"mask": False, "sections": []}
         if config.mask_path is None:
-            stage_mask(work, bounds, mask_path, params=config.mask, attrs=dict(attrs, output="mask"))
-        else:
-            copy_mask(_open_mask(config.mask_path, vol), mask_path, attrs=dict(attrs, output="mask"), vol=work)
+            keys = _resume_keys(scan, vol, bounds, config)
+            if resume and _reusable_mask(mask_path, keys["mask"]):
+                reused["mask"] = True
+                log.info("resume: the tissue mask in %s matches this run; reused", mask_path)
+            else:
+                stage_mask(work, bounds, mask_path, params=config.mask, overwrite=True,
+                           attrs=dict(attrs, output="mask", resume_key=keys["mask"]))
+        else:   # a user's mask is copied again (its content may have changed); its digest keys the sections
+            digest = copy_mask(_open_mask(config.mask_path, vol), mask_path, attrs=dict(attrs, output="mask"),
+                               vol=work, overwrite=True)
+            keys = _resume_keys(scan, vol, bounds, config, mask_digest=digest)
         timings["mask"] = time.perf_counter() - t0
         msk = open_volume(mask_path, voxel_size=vol.voxel_size)
         if msk.format == "nifti":   # sections read the mask at random: keep a Zarr copy for the run
             msk = _ingest(msk, tmp / ".work" / "mask.zarr")
         t0 = time.perf_counter()
-        records = _fit_sections(work, msk, bounds, config)
+        records = _fit_sections(work, msk, bounds, config, record_dir=tmp / ".work" / "sections",
+                                keys=keys["sections"], resume=resume, reused=reused["sections"])
         timings["sections"] = time.perf_counter() - t0
+        attrs = dict(attrs, resumed=reused if resume else None)
         metrics = stage_global(work, msk, records, tmp, config=config, attrs=attrs, timings=timings)
         timings["total"] = time.perf_counter() - t_start
         metrics["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -874,33 +976,70 @@ def run(input_path, outdir, config: RunConfig) -> dict:
         write_json(metrics, tmp / "metrics.json")
         from .report import build_report
 
-        build_report(tmp, tmp / "report", name=outdir.name)
+        build_report(tmp, tmp / "report", name=outdir.name, overwrite=True)
     log.info("wrote %s (%.1f s)", outdir, timings["total"])
     return metrics
 
 
-def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig) -> list[dict]:
+def _stored_records(record_dir: Path, keys, reused: list) -> dict[int, dict]:
+    """Section records of an interrupted run whose keys equal this run's (the others are left to be redone)."""
+    done = {}
+    for i, key in enumerate(keys):
+        path = record_dir / f"section_{i}.json"
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("resume_key") == key and rec.get("index") == i:
+            done[i] = rec
+    if done:
+        log.info("resume: %d of %d section fits match this run; reused (%s)", len(done), len(keys),
+                 ", ".join(map(str, sorted(done))))
+    reused.extend(sorted(done))
+    return done
+
+
+def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, *, record_dir: Path | None = None,
+                  keys=None, resume: bool = False, reused: list | None = None) -> list[dict]:
+    """Every section's record: those stored in ``record_dir`` with equal keys when resuming, the others fitted
+    (each written to ``record_dir`` with its key as soon as it is done)."""
+    done = _stored_records(record_dir, keys, reused if reused is not None else []) if resume and record_dir else {}
+    if record_dir is not None:
+        record_dir.mkdir(parents=True, exist_ok=True)
+
+    def keep(rec):
+        if record_dir is not None:
+            rec = dict(rec, resume_key=keys[rec["index"]])
+            write_json(rec, record_dir / f"section_{rec['index']}.json")
+        done[rec["index"]] = rec
+
+    todo = [i for i in range(len(bounds)) if i not in done]
+    if todo:
+        _fit_missing_sections(vol, msk, bounds, config, todo, keep)
+    return assemble_sections(list(done.values()), len(bounds))
+
+
+def _fit_missing_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, todo, keep) -> None:
     _, _, zs, ys, xs = _section_sampling(vol, bounds, 0, config.section_n4)
     fit_voxels = len(zs) * len(range(vol.shape[1])[ys]) * len(range(vol.shape[2])[xs])
-    batch = min(config.section_batch(fit_voxels), len(bounds))
+    batch = min(config.section_batch(fit_voxels), len(todo))
     if batch > 1:
         log.info("N4 per section: batches of up to %d equal-shaped sections on %s", batch, config.device)
-        with progress(len(bounds), "N4 per section") as advance:
-            return fit_sections_batched(vol, msk, bounds, params=config.section_n4, batch=batch,
-                                        device=config.device, progress_step=advance)
-    workers = 1 if config.device == "cuda" else min(config.workers, len(bounds))
+        with progress(len(todo), "N4 per section") as advance:
+            fit_sections_batched(vol, msk, bounds, params=config.section_n4, batch=batch, device=config.device,
+                                 progress_step=advance, indices=todo, on_record=keep)
+        return
+    workers = 1 if config.device == "cuda" else min(config.workers, len(todo))
     threads = max(1, config.total_threads // workers)
     jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads, config.engine,
-             config.device) for i in range(len(bounds))]
-    records = []
+             config.device) for i in todo]
     with progress(len(jobs), "N4 per section") as advance:
         if workers == 1:
             for j in jobs:
-                records.append(_section_task(j))
+                keep(_section_task(j))
                 advance()
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 for rec in pool.map(_section_task, jobs):
-                    records.append(rec)
+                    keep(rec)
                     advance()
-    return assemble_sections(records, len(bounds))
