@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_bad_parameters_are_input_errors(tmp_path, capsys):
                     ["--mask-closing-radius", "-2"], names=None)
 
 
-def test_an_internal_error_is_not_blamed_on_the_input(tmp_path, capsys, monkeypatch):
+def test_an_internal_error_is_not_blamed_on_the_input(tmp_path, capsys, monkeypatch, caplog):
     """Guards: every ValueError became 'octn4: error: ...', exit 2, no traceback, as if the input were bad."""
     import octn4.pipeline
 
@@ -255,7 +256,9 @@ def test_an_internal_error_is_not_blamed_on_the_input(tmp_path, capsys, monkeypa
     assert "Traceback (most recent call last)" in err and "in broken" in err
     assert err.strip().splitlines()[-1].startswith("octn4: internal error: ValueError: Out of range float")
     assert "not a problem with the input" in err
-    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+    # nothing that looks finished; the finished stages are kept, hidden, for --resume
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial" / "mask.ome.zarr").exists()
+    assert any("run the same command with --resume" in r.getMessage() for r in caplog.records)
 
 
 def test_out_of_memory_exits_as_out_of_memory(tmp_path, capsys, monkeypatch):
@@ -269,11 +272,54 @@ def test_out_of_memory_exits_as_out_of_memory(tmp_path, capsys, monkeypatch):
     inp = ome(tmp_path / "v.ome.zarr", good())
     monkeypatch.setattr(zarr, "open", no_memory)     # inside io._open_zarr's 'cannot be read' guard
     rc, err = run_cli(["run", str(inp), str(tmp_path / "out"), "--sections", "3", "-q"], capsys)
-    assert rc == 137 and err == ["octn4: error: out of memory (Unable to allocate 48.0 GiB); give the task more "
-                                 "memory (exit 137)"]
+    oom = "out of memory (Unable to allocate 48.0 GiB); give the task more memory (exit 137)"
+    assert rc == 137 and err == [f"octn4: error: {oom}"]
     monkeypatch.undo()
     monkeypatch.setattr(octn4.pipeline, "_fit_sections", no_memory)
     rc, err = run_cli(["run", str(inp), str(tmp_path / "out"), "--sections", "3", "-q"], capsys)
     assert rc == 137 and not (tmp_path / "out").exists()
     base = (Path(__file__).resolve().parent.parent / "conf" / "base.config").read_text()
     assert "task.exitStatus in ((130..145) + [104, 175]) ? 'retry'" in base
+
+
+def test_formats_and_metadata_octn4_cannot_use(tmp_path, capsys):
+    (tmp_path / "v.tif").write_bytes(b"II*\x00")
+    assert_rejected(tmp_path, capsys, tmp_path / "v.tif",
+                    "unsupported input format: expected .ome.zarr, .zarr, .nii or .nii.gz")
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    assert_rejected(tmp_path, capsys, tmp_path / "g.zarr", "Zarr group has no OME-NGFF 'multiscales' metadata")
+    inp = ome(tmp_path / "u.ome.zarr", good())
+    meta = zarr.open_group(str(inp), mode="r+")
+    attrs = dict(meta.attrs)
+    attrs["ome"]["multiscales"][0]["axes"][0]["unit"] = "parsec"
+    meta.attrs.put(attrs)
+    assert_rejected(tmp_path, capsys, inp, "unsupported spatial unit 'parsec' on axis z")
+
+
+def test_a_constant_volume_has_nothing_to_correct(tmp_path, capsys):
+    inp = ome(tmp_path / "c.ome.zarr", np.full((12, 40, 40), 2.5, np.float32))
+    assert_rejected(tmp_path, capsys, inp, "volume is constant (2.5): there is nothing to correct")
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_table_lists_the_cases_the_suite_tries():
+    """Every message in the README's bad-input table is one a test asserts (a literal part of it), with the
+    exit status that test expects; and every problem this file rejects is in the table."""
+    text = README.read_text()
+    table = text[text.index("<!-- bad-input table -->"):text.index("<!-- end bad-input table -->")]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| case") and "---" not in r]
+    tests = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py")
+                      if p.name != "test_bad_input.py") + Path(__file__).read_text().split("README = Path")[0]
+    assert len(rows) >= 25
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        fragments = [f.replace("\\|", "|") for f in re.findall(r"`([^`]+)`", cells[1])]
+        assert fragments and cells[2] in {"1", "2", "137"}, row
+        for f in fragments:
+            assert f in tests, f"README bad-input message not asserted by any test: {f!r}"
+    listed = "\n".join(rows)
+    for problem in re.findall(r'assert_rejected\(tmp_path, capsys, [^,]+, "([^"]+)"', tests):
+        assert any(problem.startswith(f) or f in problem
+                   for f in re.findall(r"`([^`]+)`", listed)), f"rejected but not in the README table: {problem!r}"
