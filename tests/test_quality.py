@@ -296,9 +296,11 @@ def _contrast(result, stack):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("anatomy,bar", [("phantom", 0.5), ("mni152", 0.8)])
+@pytest.mark.parametrize("anatomy,bar", [("phantom", 0.1), ("mni152", 0.3)])
 def test_defaults_beat_the_reference_recipe(tmp_path, anatomy, bar):
-    """Issue acceptance on one stack of each anatomy: >= 2x (generated) / 1.25x (real anatomy) lower error."""
+    """One stack of each anatomy.  Measured: octn4's error 0.057x the reference's on the generated stack
+    (0.0159 vs 0.278) and 0.194x on MNI152 (0.0542 vs 0.279); the bars (0.1, 0.3) leave about 1.6x, where
+    they were 0.5 and 0.8 (9x and 4x looser than measured)."""
     stack = synth_stack(tmp_path / "stack", SynthParams(seed=1, anatomy=anatomy))
     runs = {}
     for name, extra in (("octn4", []), ("reference", REFERENCE)):

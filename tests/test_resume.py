@@ -53,11 +53,14 @@ task = pipeline._section_task
 def killing_task(args):
     if point == "sections" and args[3] == 2:    # sections 0 and 1 are done
         die()
+    if point == "worker" and args[3] == 1:      # with --workers 2 this runs in a worker process
+        die()
     return task(args)
 
 pipeline._section_task = killing_task
-from octn4.cli import main
-sys.exit(main(argv))
+if __name__ == "__main__":                     # not in spawned workers, which import this file too
+    from octn4.cli import main
+    sys.exit(main(argv))
 '''
 
 
@@ -158,3 +161,22 @@ def test_without_resume_leftovers_are_discarded_and_a_running_job_is_not_disturb
     assert err == [f"octn4: error: {partial}: another octn4 run is writing this output now (its partial folder is "
                    "locked)"]
     assert partial.exists()
+
+
+def test_a_killed_worker_exits_as_out_of_memory_and_resume_finishes(small_stack, reference, tmp_path):
+    """Guards: a section worker killed by the OOM killer surfaced as BrokenProcessPool, an 'internal error'
+    (exit 1) that the workflow's retry policy does not retry; it exits 137, as the worker did."""
+    script = tmp_path / "killer.py"          # a file, so that spawned workers import the patch too
+    script.write_text(KILLER)
+    inp = small_stack / "volume.ome.zarr"
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    r = subprocess.run([sys.executable, str(script), "worker", "run", str(inp), str(out), *FAST, "--workers", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr
+    assert "another octn4 run" not in r.stderr and "Traceback" not in r.stderr
+    assert "a section worker process was killed (most often out of memory" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+    assert main(["run", str(inp), str(out), *FAST, "--workers", "2", "--resume"]) == 0
+    for name in ("corrected.ome.zarr", "bias.ome.zarr"):
+        np.testing.assert_allclose(read(out / name), read(reference / name), rtol=1e-5)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__, defaults
 from ._backend import DEVICES
 from .depth import DEPTH_MODELS
-from .errors import InputError
+from .errors import InputError, WorkerKilled
 from .gains import GAIN_ANCHORS, GAIN_ESTIMATORS, GainParams
 from .mask import MASK_METHODS, MaskParams
 from .n4 import CONTROL_POINT_RULES, ENGINES, N4Params
@@ -234,7 +234,8 @@ def guarded(fn, a, prog: str) -> int:
 
     Bad input or parameters (:class:`InputError`) print one line, exit 2
     (``-v -v`` shows the traceback as well).  ``MemoryError`` prints one line
-    and exits 137, as an out-of-memory kill would.  Anything else is octn4's
+    and exits 137, as an out-of-memory kill would; so does a worker process that was killed
+    (:class:`WorkerKilled`).  Anything else is octn4's
     own bug: the traceback, a line saying so, exit 1.
     """
     setup_logging(a)
@@ -245,6 +246,9 @@ def guarded(fn, a, prog: str) -> int:
             log.exception("failed")
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except WorkerKilled as exc:
+        print(f"{prog}: error: {exc} (exit {EXIT_OUT_OF_MEMORY})", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except MemoryError as exc:
         detail = f" ({exc})" if str(exc) else ""
         print(f"{prog}: error: out of memory{detail}; give the task more memory (exit {EXIT_OUT_OF_MEMORY})",

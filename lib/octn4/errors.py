@@ -16,3 +16,10 @@ class InputError(ValueError):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{self.path}: {problem}")
+
+
+class WorkerKilled(RuntimeError):
+    """A worker process died without a Python error (SIGKILL: most often the kernel's out-of-memory killer).
+
+    The command-line tools exit with status 137, as the killed worker would have.
+    """

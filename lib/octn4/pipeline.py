@@ -37,6 +37,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,7 +50,7 @@ from . import __version__, defaults
 from ._backend import DEVICES
 from .bspline import BSplineField, shrink_grid
 from .depth import fit_depth_profiles, plane_log_medians
-from .errors import InputError
+from .errors import InputError, WorkerKilled
 from .gains import (
     GainParams,
     boundary_steps_from_data,
@@ -1039,7 +1040,12 @@ def _fit_missing_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, t
                 keep(_section_task(j))
                 advance()
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for rec in pool.map(_section_task, jobs):
-                    keep(rec)
-                    advance()
+            try:
+                with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                    for rec in pool.map(_section_task, jobs):
+                        keep(rec)
+                        advance()
+            except BrokenProcessPool:
+                raise WorkerKilled(f"a section worker process was killed (most often out of memory: {workers} "
+                                   f"workers each held one section's fit); the sections finished so far are kept "
+                                   "for --resume; use fewer --workers or more memory") from None
