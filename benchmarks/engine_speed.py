@@ -46,7 +46,8 @@ def phantom(n: int | tuple, seed: int = 0):
     return clean * bias * rng.gamma(30, 1 / 30, shape).astype(np.float32), mask
 
 
-def run_sitk(img_arr, mask_arr, its, threshold, threads):
+def run_sitk(img_arr, mask_arr, its, threshold, threads, *, with_filter=False):
+    """SimpleITK's N4 on a fit grid: seconds, its log field there, iterations per level (and the filter)."""
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(img_arr)
@@ -62,7 +63,8 @@ def run_sitk(img_arr, mask_arr, its, threshold, threads):
     f.Execute(img, msk)
     t = time.perf_counter() - t0
     field = sitk.GetArrayFromImage(f.GetLogBiasFieldAsImage(img)).astype(np.float64)
-    return t, field, [done.get(i, 0) for i in range(len(its))]
+    counts = [done.get(i, 0) for i in range(len(its))]
+    return (t, field, counts, f) if with_filter else (t, field, counts)
 
 
 def field_of(fit, shape):

@@ -45,53 +45,53 @@ def main(argv=None):
 
     its = (5, 5)
     n_iter = sum(its)
-    original_bincount, original_sharpen = E.bincount, E._sharpen_compact
+    original_sum, original_sharpen = E.segment_sum, E._sharpen_rows
     state = {"voxel": None, "count": False, "call": 0}
 
-    def bincount(x, weights=None, minlength=0):
-        # the two histogram calls (lower then upper splat weights) carry one weight per masked voxel
-        if state["voxel"] is not None and weights is not None and minlength > 1:
+    def segment_sum(keys, weights, n):
+        # the two histogram sums (lower then upper splat weights) carry one weight per masked voxel
+        if state["voxel"] is not None:
             weights = weights.copy()
             weights[state["voxel"]] = 1.0 if state["count"] and state["call"] == 0 else 0.0
             state["call"] += 1
-        return original_bincount(x, weights=weights, minlength=minlength)
+        return original_sum(keys, weights, n)
 
     def with_flips(flips):
         calls = [0]
 
-        def sharpen(v, seg, segments, **kw):
+        def sharpen(v, weight, lengths, **kw):
             if calls[0] in flips:
-                lo, hi = E._ranges(v, segments, np, kw["parity"])
+                lo, hi = E._row_ranges(v, lengths, kw["parity"])
                 h = np.float32((hi[0] - lo[0]) / np.float32(kw["bins"] - 1))
-                top = int(np.argmax(v))
-                dropped = bool((v[top] - lo[0]) / h > kw["bins"] - 1)
+                top = int(np.argmax(v[0]))
+                dropped = bool((v[0, top] - lo[0]) / h > kw["bins"] - 1)
                 state.update(voxel=top, count=dropped, call=0)
             calls[0] += 1
             try:
-                return original_sharpen(v, seg, segments, **kw)
+                return original_sharpen(v, weight, lengths, **kw)
             finally:
                 state["voxel"] = None
         return sharpen
 
-    E.bincount = bincount
+    E.segment_sum = segment_sum
     print(f"{'fit grid':>14} {'m0':>10} {'octn4 vs SimpleITK':>19} {'after a flip':>13}  at iteration(s)")
     for shape, m0 in CASES:
         vol, mask, _ = smooth_phantom(shape=shape)
         sub = np.ix_(*[o + 2 * np.arange(m) for o, m in (shrink_grid(n, 2) for n in vol.shape)])
         v, m = np.ascontiguousarray(vol[sub]), np.ascontiguousarray(mask[sub])
         want, _ = sitk_run(v, m, its, m0, 0.0, spacing=(0.04, 0.04, 0.1))
-        E._sharpen_compact = original_sharpen
+        E._sharpen_rows = original_sharpen
         plain = float(np.abs(engine_run(np, v, m, its, m0, 0.0)[0] - want).max())
         best = (plain, ())
         if plain > 1e-6:
             for r in range(1, a.max_flips + 1):
                 for flips in itertools.combinations(range(n_iter), r):
-                    E._sharpen_compact = with_flips(set(flips))
+                    E._sharpen_rows = with_flips(set(flips))
                     d = float(np.abs(engine_run(np, v, m, its, m0, 0.0)[0] - want).max())
                     best = min(best, (d, flips))
                 if best[0] < 1e-6:
                     break
-        E._sharpen_compact = original_sharpen
+        E._sharpen_rows = original_sharpen
         print(f"{str(v.shape):>14} {str(m0):>10} {plain:19.1e} {best[0]:13.1e}  {list(best[1]) or '-'}", flush=True)
 
 

@@ -115,3 +115,46 @@ def test_sparse_section_is_all_tissue():
 def test_bad_parameters_are_named():
     with pytest.raises(ValueError, match="closing_radius"):
         MaskParams(closing_radius=-1)
+
+
+def test_plane_thresholds_in_one_batch_equal_the_plane_by_plane_ones():
+    """The batched log-Otsu of every plane of a slab (one host read per slab on a device) gives each plane's own
+    threshold to the last bit, including planes with too few positive voxels, a constant plane and an empty one."""
+    from octn4.mask import _log_plane_threshold, _log_plane_thresholds
+
+    rng = np.random.default_rng(4)
+    planes = rng.gamma(2.0, 1.0, (9, 40, 50)).astype(np.float32)
+    planes[1] = 0                                   # no positive voxel
+    planes[2] = 2.5                                 # constant
+    planes[3, :, 5:] = 0                            # 200 positive voxels only
+    planes[4] *= rng.random((40, 50)) > 0.5         # half of them
+    planes[5] = np.where(planes[5] > 2, 40.0, planes[5])
+    params = MaskParams(min_voxels=300)
+    got = _log_plane_thresholds(planes, params)
+    want = np.array([_log_plane_threshold(p, params) for p in planes])
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[[1, 3]]).all() and got[2] == pytest.approx(np.log(2.5))
+
+
+def test_hole_filling_of_a_slab_in_one_labelling_equals_plane_by_plane():
+    from scipy import ndimage as ndi
+
+    from octn4.mask import _fill_holes_planewise
+
+    rng = np.random.default_rng(5)
+    m = ndi.binary_opening(rng.random((6, 60, 70)) > 0.35, iterations=1)
+    cross = ndi.generate_binary_structure(2, 1)
+    want = np.stack([ndi.binary_fill_holes(p, structure=cross) for p in m])
+    got = _fill_holes_planewise(m)
+    np.testing.assert_array_equal(got, want)
+    assert (got & ~m).sum() > 0                      # holes were there to fill
+
+
+def test_streamed_mask_on_the_array_device_equals_numpys(xp):
+    """write_tissue_mask with the slabs on ``xp``'s device (CuPy where present) writes NumPy's mask."""
+    vol, _ = stack(seed=2, shape=(30, 40, 40))
+    bounds = section_bounds(30, planes=[9, 12, 9])
+    want, got = _Sink(vol.shape), _Sink(vol.shape)
+    write_tissue_mask(_Reader(vol), bounds, want, slab=8)
+    write_tissue_mask(_Reader(vol), bounds, got, slab=8, xp=xp)
+    np.testing.assert_array_equal(got.out, want.out)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_namespace
+from ._backend import array_namespace, from_numpy, to_numpy
 from .errors import InputError
 
 __all__ = ["AxisMap", "BSplineField", "basis_matrix", "axis_map", "shrink_grid"]
@@ -111,6 +111,17 @@ def basis_matrix(t, n_ctrl: int, order: int, eps: float = 0.0) -> np.ndarray:
     return b
 
 
+def _evaluate(xp, phi, bz, by, bx, prof):
+    """``phi`` contracted with the basis rows ``bz``, ``by``, ``bx`` (float32 result) plus a depth profile."""
+    a = xp.tensordot(bz, phi, axes=([1], [0]))             # (nz, my, mx)
+    a = xp.tensordot(by, a, axes=([1], [1]))               # (ny, nz, mx)
+    a = xp.astype(xp.permute_dims(a, (1, 0, 2)), xp.float32)
+    out = xp.matmul(a, xp.astype(xp.permute_dims(bx, (1, 0)), xp.float32))   # (nz, ny, nx)
+    if prof is not None:
+        out = out + prof[:, None, None]
+    return out
+
+
 @dataclass
 class BSplineField:
     """A log bias field: B-spline control lattice + full-resolution geometry.
@@ -140,22 +151,34 @@ class BSplineField:
     def evaluate(self, z=None, y=None, x=None, *, like=None):
         """The log field at the outer product of index arrays ``z, y, x``.
 
-        ``None`` means the whole axis.  The result is float32, on the device
-        of ``like`` when given (NumPy otherwise).  Cost is about
-        ``len(z)*len(y)*len(x)*mx`` multiply-adds; intermediates are small.
+        ``None`` means the whole axis.  The indices may be host or device
+        arrays (they are read on the host, where the small basis matrices
+        are built).  The result is float32, on the device of ``like`` when
+        given (NumPy otherwise).  Cost is about ``len(z)*len(y)*len(x)*mx``
+        multiply-adds; intermediates are small.
         """
-        idx = [np.arange(n) if a is None else np.asarray(a) for a, n in zip((z, y, x), self.shape)]
+        idx = [np.arange(n) if a is None else np.asarray(to_numpy(a)) for a, n in zip((z, y, x), self.shape)]
         xp = np if like is None else array_namespace(like)
-        bz, by, bx = (xp.asarray(self.basis(d, idx[d])) for d in range(3))
-        phi = xp.asarray(self.coeffs)
-        a = xp.tensordot(bz, phi, axes=([1], [0]))             # (nz, my, mx)
-        a = xp.tensordot(by, a, axes=([1], [1]))               # (ny, nz, mx)
-        a = xp.astype(xp.permute_dims(a, (1, 0, 2)), xp.float32)
-        out = xp.matmul(a, xp.astype(xp.permute_dims(bx, (1, 0)), xp.float32))   # (nz, ny, nx)
-        if self.z_profile is not None:
-            prof = xp.asarray(np.asarray(self.z_profile, np.float32)[idx[0]])
-            out = out + prof[:, None, None]
-        return out
+        put = np.asarray if like is None else (lambda a: from_numpy(a, like=like))
+        bz, by, bx = (put(self.basis(d, idx[d])) for d in range(3))
+        prof = None if self.z_profile is None else put(np.asarray(self.z_profile, np.float32)[idx[0]])
+        return _evaluate(xp, put(self.coeffs), bz, by, bx, prof)
+
+    def tiles(self, tile_planes: int, *, like=None):
+        """``(z0, z1, log field of planes z0..z1)`` over the whole grid, ``tile_planes`` planes at a time.
+
+        Every basis matrix (all planes' Z rows, the Y and X matrices), the
+        lattice and the depth profile go to ``like``'s device once; each
+        tile is then three contractions there, with no host round trip.
+        """
+        xp = np if like is None else array_namespace(like)
+        put = np.asarray if like is None else (lambda a: from_numpy(a, like=like))
+        bz, by, bx = (put(self.basis(d, np.arange(n))) for d, n in enumerate(self.shape))
+        phi = put(self.coeffs)
+        prof = None if self.z_profile is None else put(np.asarray(self.z_profile, np.float32))
+        for z0 in range(0, self.shape[0], tile_planes):
+            z1 = min(self.shape[0], z0 + tile_planes)
+            yield z0, z1, _evaluate(xp, phi, bz[z0:z1, :], by, bx, None if prof is None else prof[z0:z1])
 
     def plus_depth_line(self, slope: float, intercept: float = 0.0) -> BSplineField:
         """This field plus ``slope * z + intercept`` (``z`` the full-resolution plane index), exactly.

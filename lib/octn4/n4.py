@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ._backend import DEVICES, array_namespace, cuda_namespace
+from ._backend import DEVICES, array_namespace, cuda_namespace, from_numpy, is_cupy_array, to_numpy
 from .bspline import BSplineField, axis_map, basis_matrix, shrink_grid
 from .depth import DEPTH_MODELS, DEPTH_PRIOR
 from .errors import InputError
@@ -560,18 +560,23 @@ def _check_recovery(corrector, fld: BSplineField, shrunk_shape, order) -> None:
 
 
 def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params = N4Params(),
-            threads: int = 1, tile_planes: int = 32, engine: str = "octn4", device: str = "cpu"):
-    """N4-correct a volume held in memory.
+            threads: int = 1, tile_planes: int = 32, engine: str = "octn4", device: str | None = None):
+    """N4-correct a volume held in memory, on the volume's own device.
 
     Parameters
     ----------
     volume : (Z, Y, X) array, positive intensities in tissue
+        NumPy, or a device array (CuPy, any array API library): then the
+        shrink and the tile-by-tile apply run on that device and the
+        results are arrays of its namespace.
     mask : (Z, Y, X) bool array, optional
         Voxels to fit; all voxels when omitted.
     voxel_size : (z, y, x) floats, mm
     params : N4Params
     engine : 'octn4' (octn4's engine, the default) or 'sitk' (SimpleITK, the reference)
-    device : 'cpu' or 'cuda' (octn4 engine on CuPy; only the fit runs there)
+    device : where the fit runs: 'cpu', 'cuda' or 'auto'; by default 'cuda'
+        for a CuPy volume and 'cpu' otherwise.  Only the fit grid travels
+        between host and device, never the volume.
 
     Returns
     -------
@@ -579,23 +584,31 @@ def correct(volume, mask=None, *, voxel_size=(1.0, 1.0, 1.0), params: N4Params =
     bias : (Z, Y, X) float32 array, ``exp(log field)``
     fit : FitResult
     """
-    vol = np.asarray(volume, dtype=np.float32)
+    host = isinstance(volume, (np.ndarray, list, tuple)) or np.isscalar(volume)
+    xp = np if host else array_namespace(volume)
+    vol = np.asarray(volume, dtype=np.float32) if host else xp.astype(volume, xp.float32)
+    if device is None:
+        device = "cuda" if is_cupy_array(vol) else "cpu"
     if vol.ndim != 3:
-        raise InputError(f"volume must be 3-D (Z, Y, X); got shape {vol.shape}")
-    msk = np.ones(vol.shape, bool) if mask is None else np.asarray(mask, bool)
-    if msk.shape != vol.shape:
-        raise InputError(f"mask shape {msk.shape} does not match volume shape {vol.shape}")
+        raise InputError(f"volume must be 3-D (Z, Y, X); got shape {tuple(vol.shape)}")
+    if mask is None:
+        msk = xp.ones(vol.shape, dtype=xp.bool)
+    else:
+        on_host = isinstance(mask, (np.ndarray, list, tuple))
+        msk = np.asarray(mask, bool) if host else \
+            (from_numpy(np.asarray(mask, bool), like=vol) if on_host else xp.astype(mask, xp.bool))
+    if tuple(msk.shape) != tuple(vol.shape):
+        raise InputError(f"mask shape {tuple(msk.shape)} does not match volume shape {tuple(vol.shape)}")
     s = shrink_factors(vol.shape, voxel_size, params)
     sub, sub_mask = shrink_volume(vol, msk, s, params.shrink_mode)
-    fit = fit_bias(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=voxel_size,
+    fit = fit_bias(to_numpy(sub), to_numpy(sub_mask), full_shape=tuple(vol.shape), shrink=s, voxel_size=voxel_size,
                    params=params, threads=threads, engine=engine, device=device)
-    corrected = np.empty_like(vol)
-    bias = np.empty_like(vol)
-    for z0 in range(0, vol.shape[0], tile_planes):
-        z1 = min(vol.shape[0], z0 + tile_planes)
-        b = np.exp(fit.field.evaluate(np.arange(z0, z1)))
-        bias[z0:z1] = b
-        corrected[z0:z1] = apply_bias_field(vol[z0:z1], b)
+    corrected = xp.empty(vol.shape, dtype=xp.float32)
+    bias = xp.empty(vol.shape, dtype=xp.float32)
+    for z0, z1, log_b in fit.field.tiles(tile_planes, like=None if host else vol):
+        b = xp.exp(log_b)
+        bias[z0:z1, ...] = b
+        corrected[z0:z1, ...] = apply_bias_field(vol[z0:z1, ...], b)
     return corrected, bias, fit
 
 

@@ -80,8 +80,9 @@ __all__ = [
 
 CHUNKS = (8, 256, 256)
 
-#: Fit-grid voxels of one batched section fit on a GPU (the engine holds ~10 float64 buffers of it: ~2.5 GiB).
-BATCH_FIT_VOXELS = 32 * 2 ** 20
+#: Share of a GPU's free memory that one batch of section fits may plan to use (the rest: the section data
+#: being read, CuPy's kernels and FFT plans, fragmentation).
+BATCH_MEMORY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,16 @@ class RunConfig:
 
     def section_batch(self, fit_grid_voxels: int) -> int:
         """Sections fitted together: as given, else 1 on the CPU (workers run sections in parallel) and,
-        on a GPU, as many as keep the batch's fit grids within ``BATCH_FIT_VOXELS``."""
+        on a GPU, as many as fit in ``BATCH_MEMORY_SHARE`` of its free memory by the engine's measured
+        memory model (:func:`octn4.engine.fit_memory_bytes`, every voxel counted as tissue)."""
         if self.batch_sections:
             return self.batch_sections
         if self.engine != "octn4" or self.device == "cpu":
             return 1
-        return max(1, BATCH_FIT_VOXELS // max(1, fit_grid_voxels))
+        from ._backend import device_free_bytes
+        from .engine import fit_memory_bytes
+
+        return max(1, int(BATCH_MEMORY_SHARE * device_free_bytes()) // fit_memory_bytes(max(1, fit_grid_voxels)))
 
     def bounds(self, vol: Volume):
         return volume_sections(vol, n_sections=self.n_sections, planes=self.planes)

@@ -22,8 +22,11 @@ Why ``mean`` is octn4's default, and the evidence, are in
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ._backend import array_namespace, from_numpy
 from .bspline import shrink_grid
 from .errors import InputError
 
@@ -43,32 +46,46 @@ def block_indices(n: int, s: int) -> np.ndarray:
 
 
 def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
-    """Tissue mean over the Y/X blocks of a stack of planes (one Z block).
+    """Tissue mean over the Y/X blocks of a stack of planes (one Z block), on the planes' device.
 
     ``planes``, ``tissue`` : (k, Y, X) intensities and tissue mask of the
     block's ``k`` planes.  Returns ``(mean, fitted)``, each ``(My, Mx)``:
     the tissue mean of each block and whether enough of it is tissue.
     """
+    xp = array_namespace(planes)
     iy, ix = (block_indices(n, s) for n, s in zip(shape_yx, shrink_yx))
-    use = np.asarray(tissue, bool) & (planes > 0)
-    # sums are separable: over the block's planes, then its rows, then its columns
-    vs = np.where(use, planes, 0).sum(axis=0, dtype=np.float64)[iy].sum(axis=1)[:, ix].sum(axis=2)
-    ns = use.sum(axis=0, dtype=np.int64)[iy].sum(axis=1)[:, ix].sum(axis=2)
-    size = planes.shape[0] * iy.shape[1] * ix.shape[1]
-    mean = np.where(ns > 0, vs / np.maximum(ns, 1), 0.0).astype(np.float32)
-    return mean, ns >= MIN_TISSUE_FRACTION * size
+    (my, sy), (mx, sx) = iy.shape, ix.shape
+    iy_d, ix_d = (from_numpy(i.reshape(-1), like=planes) for i in (iy, ix))
+    use = xp.astype(tissue, xp.bool) & (planes > 0)
+
+    def block_sums(per_pixel):
+        # sums are separable: over the block's planes (done by the caller), then its rows, then its columns
+        rows = xp.sum(xp.reshape(xp.take(per_pixel, iy_d, axis=0), (my, sy, per_pixel.shape[1])), axis=1)
+        return xp.sum(xp.reshape(xp.take(rows, ix_d, axis=1), (my, mx, sx)), axis=2)
+
+    vs = block_sums(xp.sum(xp.where(use, planes, xp.zeros_like(planes)), axis=0, dtype=xp.float64))
+    ns = block_sums(xp.sum(xp.astype(use, xp.int64), axis=0))
+    size = planes.shape[0] * sy * sx
+    mean = xp.astype(xp.where(ns > 0, vs / xp.astype(xp.where(ns > 0, ns, xp.ones_like(ns)), xp.float64),
+                              xp.zeros_like(vs)), xp.float32)
+    return mean, ns >= math.ceil(MIN_TISSUE_FRACTION * size)      # ns is an integer count
 
 
 def shrink_volume(volume, mask, shrink, mode: str = "subsample"):
-    """The fit grid of an in-memory volume: ``(image, mask)`` of shape ``(Mz, My, Mx)``."""
+    """The fit grid of an in-memory volume: ``(image, mask)`` of shape ``(Mz, My, Mx)``, on its device."""
     if mode not in SHRINK_MODES:
         raise InputError(f"shrink mode must be one of {SHRINK_MODES}; got {mode!r}")
-    vol = np.asarray(volume, np.float32)
-    msk = np.asarray(mask, bool)
+    xp = array_namespace(volume)
+    vol = xp.astype(volume, xp.float32)
+    msk = xp.astype(mask, xp.bool)
     if mode == "subsample":
-        idx = [o + s * np.arange(m) for (o, m), s in ((shrink_grid(n, s), s) for n, s in zip(vol.shape, shrink))]
-        sub = np.ix_(*idx)
-        return vol[sub], msk[sub]
+        for axis, (n, s) in enumerate(zip(vol.shape, shrink)):
+            o, m = shrink_grid(n, s)
+            idx = from_numpy(o + s * np.arange(m), like=vol)
+            vol, msk = xp.take(vol, idx, axis=axis), xp.take(msk, idx, axis=axis)
+        return vol, msk
     zb = block_indices(vol.shape[0], shrink[0])
-    out = [block_mean_plane(vol[z], msk[z], shrink[1:], vol.shape[1:]) for z in zb]
-    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+    out = [block_mean_plane(xp.take(vol, from_numpy(z, like=vol), axis=0), xp.take(msk, from_numpy(z, like=vol),
+                                                                                     axis=0), shrink[1:], vol.shape[1:])
+           for z in zb]
+    return xp.stack([o[0] for o in out]), xp.stack([o[1] for o in out])
