@@ -81,9 +81,12 @@ def counting(monkeypatch, backend: str):
     else:
         import cupyx
 
-        def allow():
-            return cupyx.allow_synchronize(True)
-        outer = cupyx.allow_synchronize(False)
+        # CuPy's detector of implicit synchronisations (deprecated since CuPy 10, still shipped); where a
+        # release has dropped it, only the engine's own host reads (the _backend copies) are counted
+        if hasattr(cupyx, "allow_synchronize"):
+            def allow():
+                return cupyx.allow_synchronize(True)
+            outer = cupyx.allow_synchronize(False)
     for name in COPIES:
         for module in (E, _backend):
             if hasattr(module, name):
