@@ -158,3 +158,55 @@ def test_streamed_mask_on_the_array_device_equals_numpys(xp):
     write_tissue_mask(_Reader(vol), bounds, want, slab=8)
     write_tissue_mask(_Reader(vol), bounds, got, slab=8, xp=xp)
     np.testing.assert_array_equal(got.out, want.out)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 3, 4, 5, 7])
+def test_disk_closing_by_rectangles_equals_the_generic_closing(radius):
+    """The disk is a union of rectangles (exactly), and the closing by running max/min lines equals scipy's
+    binary_dilation (border 0) then binary_erosion (border 1) with the disk, voxel for voxel, faces included."""
+    from scipy import ndimage as ndi
+
+    from octn4.mask import _disk, _disk_closing, _disk_rectangles
+
+    union = np.zeros((2 * radius + 1,) * 2, bool)
+    for h, w in _disk_rectangles(radius):
+        union[radius - h:radius + h + 1, radius - w:radius + w + 1] = True
+    np.testing.assert_array_equal(union, _disk(radius))
+    rng = np.random.default_rng(radius)
+    m = rng.random((3, 45, 52)) > 0.8
+    m[:, :2, :] = True                                   # tissue at the faces, which must not be eroded
+    structure = _disk(radius)[None]
+    want = ndi.binary_erosion(ndi.binary_dilation(m, structure=structure, border_value=0), structure=structure,
+                              border_value=1)
+    got = _disk_closing(m, radius)
+    np.testing.assert_array_equal(got, want)
+    assert radius == 0 or (got & ~m).any()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_z_closing_by_lines_equals_the_generic_closing(k):
+    from scipy import ndimage as ndi
+
+    from octn4.mask import _line_closing
+
+    m = np.random.default_rng(k).random((23, 12, 13)) > 0.6
+    m[:2] = True
+    structure = np.ones((2 * k + 1, 1, 1), bool)
+    want = ndi.binary_erosion(ndi.binary_dilation(m, structure=structure, border_value=0), structure=structure,
+                              border_value=1)
+    np.testing.assert_array_equal(_line_closing(m, k, axis=0), want)
+
+
+def test_tissue_by_intensity_erodes_by_the_cross_exactly():
+    from scipy import ndimage as ndi
+
+    from octn4.mask import above_in_plane
+
+    rng = np.random.default_rng(9)
+    planes = rng.gamma(2.0, 1.0, (4, 30, 31)).astype(np.float32)
+    thr = np.array([1.0, 2.0, 3.0, 0.1], np.float32)
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndi.generate_binary_structure(2, 1)
+    smoothed = ndi.gaussian_filter(planes, sigma=(0, 1.5, 1.5), mode="reflect", truncate=4.0)
+    want = ndi.binary_erosion(smoothed > thr[:, None, None], structure=cross, border_value=1)
+    np.testing.assert_array_equal(above_in_plane(planes, thr, 1.5), want)

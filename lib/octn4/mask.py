@@ -142,10 +142,9 @@ def above_in_plane(planes: np.ndarray, thresholds, sigma: float) -> np.ndarray:
     if sigma:
         v = ndi.gaussian_filter(v, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0)
     above = v > np.asarray(thresholds, np.float32)[:, None, None]
-    # the smoothing carries tissue about a pixel into the agarose beside it: keep what is a pixel inside
-    cross = np.zeros((3, 3, 3), bool)
-    cross[1] = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_erosion(above, structure=cross, border_value=1)
+    # the smoothing carries tissue about a pixel into the agarose beside it: keep what is a pixel inside (an
+    # erosion by the in-plane cross, border 1: the intersection of its two 3-voxel lines)
+    return _line(above, 3, 1, False) & _line(above, 3, 2, False)
 
 
 def _smoothing_halo(params: MaskParams) -> int:
@@ -164,11 +163,77 @@ def _disk(radius: int) -> np.ndarray:
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius * radius
 
 
-def _closing(mask, structure):
-    """Binary closing that does not erode at the array faces."""
-    ndi = ndimage_for(mask)
-    dil = ndi.binary_dilation(mask, structure=structure, border_value=0)
-    return ndi.binary_erosion(dil, structure=structure, border_value=1)
+def _disk_rectangles(radius: int) -> list[tuple[int, int]]:
+    """``(half-height, half-width)`` of centred rectangles whose union is :func:`_disk` exactly.
+
+    For each distinct half-width ``w`` of the disk's rows, the tallest
+    rectangle of that width that fits: disk(3) is 1 x 7, 5 x 5 and 7 x 1.
+    """
+    rows = [(abs(dr), math.isqrt(radius * radius - dr * dr)) for dr in range(-radius, radius + 1)]
+    return sorted({(max(h for h, ww in rows if ww >= w), w) for _, w in rows})
+
+
+def _line(a, size: int, axis: int, dilate: bool):
+    """Binary dilation (``dilate``) or erosion of the bool ``a`` by a centred line of ``size`` along ``axis``.
+
+    Outside the array counts as 0 for a dilation and 1 for an erosion
+    (``binary_dilation``'s ``border_value=0``, ``binary_erosion``'s
+    ``border_value=1``).  The padded array is OR-ed (AND-ed) with itself
+    shifted by 1, 2, 4, ... voxels until the window covers ``size``: about
+    ``log2(size)`` elementwise passes of slices, on any array library.
+    """
+    if size <= 1:
+        return a
+    xp = array_namespace(a)
+    half = size // 2
+    shape = list(a.shape)
+    shape[axis] = half
+    edge = xp.full(tuple(shape), not dilate, dtype=xp.bool)
+    r = xp.concat([edge, a, edge], axis=axis)
+    op = xp.logical_or if dilate else xp.logical_and
+    cover = 1
+    while cover < size:
+        step = min(cover, size - cover)
+        m = r.shape[axis] - step
+        lo = [slice(None)] * a.ndim
+        hi = [slice(None)] * a.ndim
+        lo[axis], hi[axis] = slice(0, m), slice(step, step + m)
+        r = op(r[tuple(lo)], r[tuple(hi)])
+        cover += step
+    return r
+
+
+def _rect(a, half_h: int, half_w: int, dilate: bool):
+    """Dilation or erosion of the bool ``a`` (k, Y, X) by a centred (2h+1) x (2w+1) rectangle in each plane."""
+    return _line(_line(a, 2 * half_h + 1, 1, dilate), 2 * half_w + 1, 2, dilate)
+
+
+def _disk_closing(mask, radius: int):
+    """Closing of each Z plane by :func:`_disk` ``(radius)`` that does not erode at the array faces.
+
+    Equal, voxel for voxel, to ``binary_dilation`` (border 0) then
+    ``binary_erosion`` (border 1) with the disk: a dilation by a union of
+    rectangles is the union of the dilations, an erosion the intersection of
+    the erosions, and each rectangle is a line in Y then a line in X.
+    """
+    xp = array_namespace(mask)
+    m = xp.astype(mask, xp.bool)
+    rects = _disk_rectangles(radius)
+    dil = None
+    for h, w in rects:
+        d = _rect(m, h, w, True)
+        dil = d if dil is None else (dil | d)
+    out = None
+    for h, w in rects:
+        e = _rect(dil, h, w, False)
+        out = e if out is None else (out & e)
+    return out
+
+
+def _line_closing(mask, k: int, axis: int = 0):
+    """Closing by a centred line of ``2k + 1`` voxels along ``axis``, not eroding at the faces (exact)."""
+    xp = array_namespace(mask)
+    return _line(_line(xp.astype(mask, xp.bool), 2 * k + 1, axis, True), 2 * k + 1, axis, False)
 
 
 def _fill_holes_planewise(mask):
@@ -194,19 +259,17 @@ def _fill_holes_planewise(mask):
 
 def _planewise(mask, params: MaskParams):
     """Hole filling then disk closing, each Z plane on its own."""
-    xp = array_namespace(mask)
     m = _fill_holes_planewise(mask)
     if params.closing_radius > 0:
-        m = _closing(m, xp.asarray(_disk(params.closing_radius)[None]))
+        m = _disk_closing(m, params.closing_radius)
     return m
 
 
 def _z_closing(mask, params: MaskParams):
-    xp = array_namespace(mask)
     k = params.z_closing_planes
     if k <= 0:
         return mask
-    return _closing(mask, xp.ones((2 * k + 1, 1, 1), dtype=bool))
+    return _line_closing(mask, k, axis=0)
 
 
 def tissue_mask(volume, bounds: Sequence[tuple[int, int]], *, params: MaskParams = MaskParams()):
