@@ -247,3 +247,15 @@ def test_workflow_stages_record_the_parameters_they_ran_with(small_stack, tmp_pa
     assert attrs["parameters"]["mask"]["smoothing_sigma"] == 1.5
     assert [s["command"][0] for s in attrs["stages"]["sections"]] == ["octn4_section.py"] * 3
     assert attrs["stages"]["mask"]["command"][0] == "octn4_mask.py"
+
+
+def test_apply_tiles_are_whole_output_shards_and_whole_input_chunks_where_memory_allows():
+    from octn4.pipeline import CHUNKS, tile_planes_for
+
+    # 1024^2 planes: 1024 MiB holds 42 planes of 6 buffers; 32 is the most that is whole 16-plane input chunks
+    assert tile_planes_for((100, 1024, 1024), 1024, 16) == 32
+    assert tile_planes_for((100, 1024, 1024), 1024, 1) == 40            # NIfTI: whole output chunk rows only
+    assert tile_planes_for((100, 1024, 1024), 1024, 12) == 24           # lcm(8, 12)
+    # 2048^2 planes: 10 planes fit, fewer than one 16-plane input chunk: whole output chunk rows
+    assert tile_planes_for((100, 2048, 2048), 1024, 16) == CHUNKS[0]
+    assert tile_planes_for((100, 4096, 4096), 1024, 16) == 2            # wider planes: below a chunk row

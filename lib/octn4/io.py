@@ -90,6 +90,11 @@ class Volume:
     _nifti: dict | None = None     # header facts for NIfTI streaming
     affine: np.ndarray | None = None
 
+    @property
+    def chunk_planes(self) -> int:
+        """Planes per stored Z chunk (1 for NIfTI): reads aligned to it decompress each chunk once."""
+        return 1 if self._array is None else int(self._array.chunks[len(self._lead)])
+
     def read(self, z0: int, z1: int, ys=slice(None), xs=slice(None)) -> np.ndarray:
         """Planes ``z0:z1`` (optionally strided in Y/X) as float32 ``(Z, Y, X)``."""
         z0, z1 = max(0, int(z0)), min(self.shape[0], int(z1))
@@ -123,7 +128,7 @@ class Volume:
         if self._nifti is not None:
             yield from self._iter_nifti_planes(zs, ys, xs)
             return
-        cz = self._array.chunks[len(self._lead)]
+        cz = self.chunk_planes
         i = 0
         while i < len(zs):
             j = i

@@ -605,11 +605,20 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
                     params=params, threads=threads, engine=engine, device=device)
 
 
-def tile_planes_for(shape, tile_mib: int) -> int:
-    """Planes per apply tile: about 6 float32 buffers of the tile fit in ``tile_mib``."""
+def tile_planes_for(shape, tile_mib: int, input_chunk_planes: int = 1) -> int:
+    """Planes per apply tile: about 6 float32 buffers of the tile fit in ``tile_mib``.
+
+    A whole number of the outputs' chunk rows (whole shards: each written
+    once) and, where ``tile_mib`` allows, of the input's Z chunks too, so
+    that no input chunk is decompressed by two tiles (8-plane tiles over
+    16-plane input chunks read every input chunk twice).
+    """
     per_plane = shape[1] * shape[2] * 4 * 6
     n = max(1, int(tile_mib * 2 ** 20 // per_plane))
-    return n // CHUNKS[0] * CHUNKS[0] if n >= CHUNKS[0] else n
+    for unit in (math.lcm(CHUNKS[0], max(1, input_chunk_planes)), CHUNKS[0]):
+        if n >= unit:
+            return n // unit * unit
+    return n
 
 
 def apply_correction(vol: Volume, msk: Volume, records, global_field: BSplineField, writers: dict,
@@ -664,7 +673,7 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
             create_writer(outdir / f"bias{ext}", vol.shape, vol.voxel_size,
                           attrs=dict(attrs, output="bias"), **kw) as wb:
         stats = apply_correction(vol, msk, records, gfit.field, {"corrected": wc, "bias": wb},
-                                 tile_planes=tile_planes_for(vol.shape, config.tile_mib))
+                                 tile_planes=tile_planes_for(vol.shape, config.tile_mib, vol.chunk_planes))
         wc.commit()
         wb.commit()
     timings["apply"] = time.perf_counter() - t0
