@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_section_args(p)
     cli.add_input_args(p)
     cli.add_mask_args(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="sections masked in parallel (processes); each holds one slab and its halo")
     cli.add_common_args(p)
     return p
 
@@ -26,7 +28,9 @@ def run(a) -> None:
     bounds = pipeline.volume_sections(vol, n_sections=a.sections, planes=a.planes)
     params = cli.mask_params(a)
     attrs = pipeline.provenance("mask", vol, {"mask": params.as_dict(), "sections": [list(b) for b in bounds]})
-    pipeline.stage_mask(vol, bounds, a.out, params=params, attrs=attrs, overwrite=a.overwrite)
+    if a.workers < 1:
+        raise cli.InputError(f"--workers must be >= 1; got {a.workers}")
+    pipeline.stage_mask(vol, bounds, a.out, params=params, attrs=attrs, overwrite=a.overwrite, workers=a.workers)
 
 
 def main(argv=None) -> int:

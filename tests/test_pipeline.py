@@ -259,3 +259,25 @@ def test_apply_tiles_are_whole_output_shards_and_whole_input_chunks_where_memory
     # 2048^2 planes: 10 planes fit, fewer than one 16-plane input chunk: whole output chunk rows
     assert tile_planes_for((100, 2048, 2048), 1024, 16) == CHUNKS[0]
     assert tile_planes_for((100, 4096, 4096), 1024, 16) == 2            # wider planes: below a chunk row
+
+
+@pytest.mark.parametrize("method", ["depth", "reference"])
+def test_the_mask_stage_in_parallel_gives_the_serial_mask(small_stack, tmp_path, method):
+    """Sections thresholded and masked in two worker processes, blocks written here in Z order: the same mask,
+    plane statistics and thresholds as one process, on sections that do not start on chunk rows."""
+    from octn4.mask import MaskParams
+    from octn4.pipeline import open_input, stage_mask, volume_sections
+
+    vol = open_input(small_stack / "volume.ome.zarr")
+    bounds = volume_sections(vol, planes=[13, 9, 17, 9])
+    params = MaskParams(method=method)
+    got = {}
+    for workers in (1, 2):
+        out = tmp_path / f"m{workers}.ome.zarr"
+        thr = stage_mask(vol, bounds, out, params=params, attrs={}, workers=workers)
+        g = zarr.open_group(str(out))
+        got[workers] = (thr, [np.asarray(g[k][...]) for k in sorted(g.array_keys())], dict(g.attrs["octn4"]))
+    np.testing.assert_array_equal(got[1][0], got[2][0])
+    for a, b in zip(got[1][1], got[2][1]):
+        np.testing.assert_array_equal(a, b)
+    assert got[1][2] == got[2][2] and got[1][1][0].any()

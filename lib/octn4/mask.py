@@ -51,6 +51,7 @@ from ._backend import array_namespace, ndimage_for, segment_sum, to_numpy
 from .errors import InputError
 
 __all__ = ["MaskParams", "MASK_METHODS", "otsu_threshold", "tissue_mask", "section_thresholds", "plane_thresholds",
+           "section_plane_thresholds", "write_section_mask",
            "depth_trend", "write_tissue_mask"]
 
 MASK_METHODS = ("reference", "depth")
@@ -426,6 +427,21 @@ def _depth_thresholds(log_t, bounds) -> np.ndarray:
     return out
 
 
+def section_plane_thresholds(volume_reader, bounds, i: int, *, params: MaskParams = MaskParams(), xp=np,
+                             slab: int = 16) -> np.ndarray:
+    """The per-plane thresholds of section ``i`` alone (its planes only are read): what
+    :func:`plane_thresholds` gives on its planes, to the last bit (each section's thresholds depend on its
+    own planes only), so sections can be thresholded in separate processes."""
+    z0, z1 = bounds[i]
+    if params.method == "depth":
+        log_t = np.full(volume_reader.shape[0], math.nan)
+        for c0, sm in _smoothed_slabs(volume_reader, z0, z1, params, xp, slab):
+            log_t[c0:c0 + sm.shape[0]] = _log_plane_thresholds(sm, params)
+        return _depth_thresholds(log_t, [(z0, z1)])[z0:z1]
+    t = section_thresholds(volume_reader, [(z0, z1)], params=params, xp=xp, slab=slab)[0]
+    return np.full(z1 - z0, t, np.float32)
+
+
 def plane_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams(), xp=np, slab: int = 16):
     """Per-plane thresholds (intensity units; ``-inf`` = all tissue), streaming in slabs.
 
@@ -433,17 +449,37 @@ def plane_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams()
     (:func:`section_thresholds`); ``depth``: the per-section lines through
     the planes' log-Otsu thresholds.
     """
+    return np.concatenate([section_plane_thresholds(volume_reader, bounds, i, params=params, xp=xp, slab=slab)
+                           for i in range(len(bounds))])
+
+
+def write_section_mask(volume_reader, bounds, i: int, thr_of_plane, writer, *, params: MaskParams = MaskParams(),
+                       xp=np, slab: int = 16, plane_stats=None) -> None:
+    """The mask of section ``i`` (its halo planes read from the neighbours), written with ``writer.write``.
+
+    ``thr_of_plane``: every plane's threshold (the halo needs the
+    neighbours').  The result on its planes equals :func:`tissue_mask` on the
+    whole volume; see :func:`write_tissue_mask` for ``plane_stats``.
+    """
     depth = volume_reader.shape[0]
-    if params.method == "depth":
-        log_t = np.full(depth, math.nan)
-        for z0, z1 in bounds:
-            for c0, sm in _smoothed_slabs(volume_reader, z0, z1, params, xp, slab):
-                log_t[c0:c0 + sm.shape[0]] = _log_plane_thresholds(sm, params)
-        return _depth_thresholds(log_t, bounds)
-    out = np.empty(depth, np.float32)
-    for (z0, z1), t in zip(bounds, section_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)):
-        out[z0:z1] = t
-    return out
+    multi = len(bounds) > 1
+    k = params.z_closing_planes if multi else 0
+    g = _smoothing_halo(params)
+    z0, z1 = bounds[i]
+    for c0 in range(z0, z1, slab):
+        c1 = min(z1, c0 + slab)
+        m0, m1 = max(0, c0 - 2 * k), min(depth, c1 + 2 * k)     # binary planes needed
+        r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
+        raw = volume_reader.read(r0, r1)
+        sm = _smooth(xp.asarray(raw), params)[m0 - r0:m1 - r0]
+        m = _planewise(sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None], params)
+        if multi:
+            m = _z_closing(m, params)
+        block = to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8)
+        writer.write(c0, block)
+        if plane_stats is not None:
+            own = np.asarray(raw[c0 - r0:c1 - r0])
+            plane_stats(c0, own, (block > 0) & above_in_plane(own, thr_of_plane[c0:c1], params.smoothing_sigma))
 
 
 def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = MaskParams(), xp=np,
@@ -459,28 +495,14 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
     smoothed within its own plane, is above the plane's threshold: neither
     the agarose that the closings bring in nor tissue smoothed in from a
     neighbouring section counts; NumPy), so per-plane statistics cost no
-    second read.
+    second read.  The two passes (thresholds, then masks) are per section
+    (:func:`section_plane_thresholds`, :func:`write_section_mask`), so a
+    caller may run the sections of each pass in parallel.
     """
     thr_of_plane = plane_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
-    depth = volume_reader.shape[0]
-    multi = len(bounds) > 1
-    k = params.z_closing_planes if multi else 0
-    g = _smoothing_halo(params)
-    for i, (z0, z1) in enumerate(bounds):
-        for c0 in range(z0, z1, slab):
-            c1 = min(z1, c0 + slab)
-            m0, m1 = max(0, c0 - 2 * k), min(depth, c1 + 2 * k)     # binary planes needed
-            r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
-            raw = volume_reader.read(r0, r1)
-            sm = _smooth(xp.asarray(raw), params)[m0 - r0:m1 - r0]
-            m = _planewise(sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None], params)
-            if multi:
-                m = _z_closing(m, params)
-            block = to_numpy(m[c0 - m0:c1 - m0]).astype(np.uint8)
-            writer.write(c0, block)
-            if plane_stats is not None:
-                own = np.asarray(raw[c0 - r0:c1 - r0])
-                plane_stats(c0, own, (block > 0) & above_in_plane(own, thr_of_plane[c0:c1], params.smoothing_sigma))
+    for i in range(len(bounds)):
+        write_section_mask(volume_reader, bounds, i, thr_of_plane, writer, params=params, xp=xp, slab=slab,
+                           plane_stats=plane_stats)
         if progress is not None:
             progress(i)
     return thr_of_plane

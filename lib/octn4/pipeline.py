@@ -62,7 +62,7 @@ from .gains import (
     touching_step,
 )
 from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
-from .mask import MaskParams, above_in_plane, write_tissue_mask
+from .mask import MaskParams, above_in_plane, section_plane_thresholds, write_section_mask, write_tissue_mask
 from .metrics import PlaneStats, boundary_steps, section_summary
 from .n4 import ENGINES, FitResult, N4Params, choose_device, fit_bias, fit_bias_batch, shrink_factors
 from .progress import progress
@@ -259,17 +259,78 @@ class _PlaneStatsRecorder:
         attrs["plane_tissue_pixels"] = [int(v) for v in self.pixels]
 
 
-def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False) -> np.ndarray:
-    """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``, with per-plane statistics."""
+def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False,
+               workers: int = 1) -> np.ndarray:
+    """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``, with per-plane statistics.
+
+    With ``workers > 1`` (and a Zarr input, which sections can read at
+    random) both passes run one section per task in a process pool: first
+    every section's thresholds, then every section's mask with its halo
+    planes; the blocks come back in Z order and are written here, so no two
+    processes write one store.  The mask equals the serial one bit for bit.
+    Each worker holds what the serial stage holds (a slab and its halo).
+    """
     stats = _PlaneStatsRecorder(vol.shape[0])
+    workers = min(workers, len(bounds)) if vol.format != "nifti" else 1
     with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
                        attrs=attrs, overwrite=overwrite, affine=vol.affine) as w:
-        with progress(len(bounds), "tissue mask") as advance:
-            thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance(),
-                                           plane_stats=stats)
+        with progress(len(bounds) * (2 if workers > 1 else 1), "tissue mask") as advance:
+            if workers > 1:
+                thresholds = _mask_in_parallel(vol, bounds, w, params, workers, stats, advance)
+            else:
+                thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance(),
+                                               plane_stats=stats)
         w.attrs["plane_thresholds"] = [None if not math.isfinite(t) else float(t) for t in thresholds]
         stats.store(w.attrs)
         w.commit()
+    return thresholds
+
+
+class _Blocks:
+    """A writer that keeps the blocks (for a mask task to send back) and the planes' statistics."""
+
+    def __init__(self):
+        self.blocks, self.stats = [], []
+
+    def write(self, z0, block):
+        self.blocks.append((z0, block))
+
+    def __call__(self, z0, planes, mask):
+        self.stats.append((z0, *plane_log_medians(planes, mask)))
+
+
+def _mask_thresholds_task(job):
+    path, voxel_size, bounds, i, params = job
+    return section_plane_thresholds(open_volume(path, voxel_size=voxel_size), bounds, i, params=params)
+
+
+def _mask_section_task(job):
+    path, voxel_size, bounds, i, params, thresholds = job
+    out = _Blocks()
+    write_section_mask(open_volume(path, voxel_size=voxel_size), bounds, i, thresholds, out, params=params,
+                       plane_stats=out)
+    return out
+
+
+def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: int, stats, advance) -> np.ndarray:
+    jobs = [(vol.path, vol.voxel_size, bounds, i, params) for i in range(len(bounds))]
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            parts = []
+            for t in pool.map(_mask_thresholds_task, jobs):
+                parts.append(t)
+                advance()
+            thresholds = np.concatenate(parts)
+            for done in pool.map(_mask_section_task, [j + (thresholds,) for j in jobs]):
+                for z0, block in done.blocks:
+                    writer.write(z0, block)
+                for z0, med, n in done.stats:
+                    stats.log_median[z0:z0 + len(med)] = med
+                    stats.pixels[z0:z0 + len(n)] = n
+                advance()
+    except BrokenProcessPool:
+        raise WorkerKilled(f"a mask worker process was killed (most often out of memory: {workers} workers each "
+                           "held one slab of a section); use fewer --workers or more memory") from None
     return thresholds
 
 
@@ -968,7 +1029,7 @@ def run(input_path, outdir, config: RunConfig, *, resume: bool = False) -> dict:
                 reused["mask"] = True
                 log.info("resume: the tissue mask in %s matches this run; reused", mask_path)
             else:
-                stage_mask(work, bounds, mask_path, params=config.mask, overwrite=True,
+                stage_mask(work, bounds, mask_path, params=config.mask, overwrite=True, workers=config.workers,
                            attrs=dict(attrs, output="mask", resume_key=keys["mask"]))
         else:   # a user's mask is copied again (its content may have changed); its digest keys the sections
             digest = copy_mask(_open_mask(config.mask_path, vol), mask_path, attrs=dict(attrs, output="mask"),

@@ -1,6 +1,7 @@
 /*
  * TISSUE_MASK: validate one brain's volume (one streaming pass) and write its tissue mask.
  * Reads the whole volume in 16-plane slabs; memory is set by the plane size, not the depth.
+ * Sections are masked in task.cpus processes (each holds one slab and its halo).
  */
 process TISSUE_MASK {
     tag "${meta.id}"
@@ -24,7 +25,7 @@ process TISSUE_MASK {
     """
     export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
     export HOME="\$PWD" MPLCONFIGDIR="\$PWD/.mpl"
-    octn4_mask.py ${volume} ${meta.id}.mask.ome.zarr ${layout} ${voxel} ${args}
+    octn4_mask.py ${volume} ${meta.id}.mask.ome.zarr ${layout} ${voxel} --workers ${task.cpus} ${args}
     """
 
     stub:
