@@ -5,6 +5,8 @@
 #
 # Needs octn4 installed with its test dependencies (make venv) plus CuPy for the machine's CUDA
 # (pip install cupy-cuda12x, or cupy-cuda13x).  Python: $PYTHON, else .venv/bin/python, else python3.
+# On a bare machine that has CuPy but not octn4's dependencies, benchmarks/gpu_wheels.sh fetches them here
+# as wheels to carry (lib/ is put on PYTHONPATH below, so octn4 itself need not be installed).
 # Without CuPy and a CUDA device it says so and exits 0; with them, a failing test or a failed
 # measurement exits non-zero.  About 3-4 minutes on one H200 with 16 cores (SimpleITK's fits dominate).
 set -uo pipefail
@@ -18,9 +20,9 @@ if ! "$PY" -c "import cupy, sys; sys.exit(0 if cupy.cuda.runtime.getDeviceCount(
     echo "gpu_check: no CuPy with a CUDA device for $PY; nothing to check"
     exit 0
 fi
-missing=$("$PY" - <<'PY'
+missing=$(PYTHONPATH=lib${PYTHONPATH:+:$PYTHONPATH} "$PY" - <<'PY'
 import importlib.util
-need = ["octn4", "SimpleITK", "array_api_compat", "array_api_strict", "scipy", "pytest"]
+need = ["SimpleITK", "array_api_compat", "array_api_strict", "scipy", "pytest", "zarr"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )
