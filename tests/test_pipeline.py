@@ -281,3 +281,24 @@ def test_the_mask_stage_in_parallel_gives_the_serial_mask(small_stack, tmp_path,
     for a, b in zip(got[1][1], got[2][1]):
         np.testing.assert_array_equal(a, b)
     assert got[1][2] == got[2][2] and got[1][1][0].any()
+
+
+def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, demo_stack, tmp_path):
+    """benchmarks/scale.py on a finished run: the I/O floor is measured (and its scratch removed), the run is set
+    against it, and the prediction falls with nodes only as far as the one-per-brain tasks allow."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import scale
+
+    out = tmp_path / "scale.json"
+    scale.main(["--stack", str(demo_stack / "volume.ome.zarr"), "--work", str(tmp_path / "w"), "--from-run",
+                str(result), "--cores", "2", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["floor"]["floor_s"] > 0 and res["floor"]["shape"] == [96, 192, 192]
+    assert not any((tmp_path / "w" / "floor").iterdir())
+    one, eight, many = (r["this_stack_s"] for r in res["prediction"])
+    t = res["timings_s"]
+    assert one >= eight >= many >= t["mask"] + t["apply"]
+    assert one == pytest.approx(t["total"], rel=0.05)

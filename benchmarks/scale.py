@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Where a whole-volume run stands against the cost of touching its data, and what N nodes would give.
+
+In one run, on one stack (``--stack``, e.g. a 4 GiB ``octn4 synth --shape
+256,2048,2048``):
+
+1. **The I/O floor**: read the input once in 16-plane slabs, then write two
+   float32 volumes of its size with octn4's output layout (its chunks,
+   shards and codec, level 0 only).  Seconds and MB/s.
+2. **octn4 run** (``--from-run DIR`` reuses a finished run's
+   ``metrics.json`` instead of running): per-stage seconds, MB/s of input
+   per core, and the whole run against the floor.
+3. **A prediction for N nodes** from the measured per-task times and
+   today's DAG: ``TISSUE_MASK`` (one task per brain, its sections in the
+   task's cores), ``N4_SECTION`` (one task per section), ``N4_GLOBAL``
+   (gains, global fit and apply in one task).  The critical path is
+   ``mask + ceil(sections / (N * cores)) * section + global``, the mask's
+   time taken as measured here on ``--cores`` cores (it runs on one node
+   whatever N is), and a section task's time as the sections stage's
+   seconds x its workers / sections.  For a 1 TB brain the voxel-bound
+   stages (mask, apply, the global task's reads) are scaled by voxels and
+   the section count by depth at the same section thickness.  A model,
+   not a measurement: it ignores queueing, staging and file-system
+   contention.
+
+Usage::
+
+    python benchmarks/scale.py --stack /work/big/stack/volume.ome.zarr --work /work/big/scale \\
+        --from-run /work/big/out_main --cores 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def io_floor(stack: Path, work: Path) -> dict:
+    import zarr
+
+    from octn4.io import open_volume, output_compressors
+    from octn4.pipeline import CHUNKS
+
+    vol = open_volume(stack)
+    t0 = time.perf_counter()
+    for z0 in range(0, vol.shape[0], 16):
+        vol.read(z0, z0 + 16)
+    t_read = time.perf_counter() - t0
+    chunks = tuple(min(c, n) for c, n in zip(CHUNKS, vol.shape))
+    shards = (chunks[0],) + tuple(-(-n // c) * c for n, c in zip(vol.shape[1:], chunks[1:]))
+    work.mkdir(parents=True, exist_ok=True)
+    arrays = []
+    for name in ("a", "b"):
+        if (work / name).exists():
+            shutil.rmtree(work / name)
+        arrays.append(zarr.create_array(str(work / name), shape=vol.shape, dtype=np.float32, chunks=chunks,
+                                        shards=shards, compressors=output_compressors(np.float32), fill_value=0))
+    t_write = 0.0
+    for z0 in range(0, vol.shape[0], 16):
+        block = vol.read(z0, z0 + 16)          # the data written is the input itself: speckle, as corrected is
+        t0 = time.perf_counter()
+        for arr in arrays:
+            arr[z0:z0 + block.shape[0]] = block
+        t_write += time.perf_counter() - t0
+    for name in ("a", "b"):
+        shutil.rmtree(work / name)
+    gib = math.prod(vol.shape) * 4 / 2 ** 30
+    return {"shape": list(vol.shape), "gib": gib, "read_s": t_read, "write_two_s": t_write,
+            "floor_s": t_read + t_write, "read_MBps": gib * 1024 / t_read, "write_MBps": 2 * gib * 1024 / t_write}
+
+
+def run_octn4(stack: Path, out: Path, extra: list[str]) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "octn4.cli", "run", str(stack), str(out), *extra]
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0) -> float:
+    """Critical path of today's DAG on ``nodes`` nodes of ``cores`` cores (see the module's docstring)."""
+    t = metrics["timings_s"]
+    n = len(metrics["sections"])
+    workers = max(1, min(cores, n))
+    per_section = t["sections"] * workers / n
+    n_scaled = math.ceil(n * scale_voxels)            # the same section thickness: sections grow with depth
+    per_node = cores                                   # one section task per core
+    sections = math.ceil(n_scaled / (nodes * per_node)) * per_section
+    voxel_bound = (t["validate"] + t["mask"] + t.get("gains", 0.0) + t["global_fit"] + t["apply"]) * scale_voxels
+    return voxel_bound + sections
+
+
+def main(argv=None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stack", type=Path, required=True, help="the input volume (.ome.zarr)")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--from-run", type=Path, help="a finished octn4 run folder (else octn4 run is run here)")
+    p.add_argument("--cores", type=int, default=2, help="cores the run used (its --workers)")
+    p.add_argument("--sections", type=int, default=8)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    floor = io_floor(a.stack, a.work / "floor")
+    print(f"I/O floor on {floor['shape']} ({floor['gib']:.2f} GiB): read {floor['read_s']:.1f} s "
+          f"({floor['read_MBps']:.0f} MB/s), two float32 writes {floor['write_two_s']:.1f} s "
+          f"({floor['write_MBps']:.0f} MB/s), floor {floor['floor_s']:.1f} s", flush=True)
+    metrics = (json.loads((a.from_run / "metrics.json").read_text()) if a.from_run else
+               run_octn4(a.stack, a.work / "run", ["--sections", str(a.sections), "--workers", str(a.cores), "-q"]))
+    t = metrics["timings_s"]
+    mb = floor["gib"] * 1024
+    print(f"octn4 run: {t['total']:.1f} s = {t['total'] / floor['floor_s']:.1f} x the I/O floor; peak RSS "
+          f"{metrics.get('peak_rss_mib')}")
+    stages = {k: v for k, v in t.items() if k != "total"}
+    for k, v in stages.items():
+        print(f"  {k:>10} {v:8.1f} s   {mb / v / a.cores:8.1f} MB/s per core")
+    rows = []
+    brain = 2 ** 40 / (floor["gib"] * 2 ** 30)             # a 1 TB float32 brain, in units of this stack
+    for nodes in (1, 8, 64):
+        rows.append({"nodes": nodes, "this_stack_s": predict(metrics, a.cores, nodes),
+                     "brain_1tb_h": predict(metrics, a.cores, nodes, brain) / 3600})
+        print(f"  predicted on {nodes:>2} node(s) of {a.cores} cores: this stack {rows[-1]['this_stack_s']:8.1f} s, "
+              f"a 1 TB brain {rows[-1]['brain_1tb_h']:8.1f} h", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps({"floor": floor, "timings_s": t, "peak_rss_mib": metrics.get("peak_rss_mib"),
+                                      "cores": a.cores, "prediction": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
