@@ -90,18 +90,27 @@ def _histogram(values, lo: float, hi: float, nbins: int):
     return segment_sum(idx, xp.ones(idx.shape, dtype=xp.float64), nbins)      # no host read on a device
 
 
-def _otsu_from_histogram(hist, lo: float, hi: float) -> float:
-    """Otsu's threshold from a histogram over ``[lo, hi]`` (bin centres as in scikit-image)."""
+def _otsu_rows(hist, lo, width):
+    """Otsu's threshold of each row of ``hist`` (k, nbins), whose bins start at ``lo`` (k,) and are ``width``
+    (k,) wide (bin centres as in scikit-image), on the histograms' device."""
     xp = array_namespace(hist)
-    nbins = hist.shape[0]
-    width = (hi - lo) / nbins
-    centers = lo + (xp.arange(nbins, dtype=xp.float64) + 0.5) * width
-    w1 = xp.cumulative_sum(hist)
-    w2 = xp.flip(xp.cumulative_sum(xp.flip(hist)))
-    m1 = xp.cumulative_sum(hist * centers) / xp.where(w1 > 0, w1, 1.0)
-    m2 = xp.flip(xp.cumulative_sum(xp.flip(hist * centers)) / xp.where(xp.flip(w2) > 0, xp.flip(w2), 1.0))
-    var = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
-    return float(centers[int(xp.argmax(var))])
+    nbins = hist.shape[1]
+    centers = lo[:, None] + (xp.arange(nbins, dtype=xp.float64) + 0.5)[None, :] * width[:, None]
+    w1 = xp.cumulative_sum(hist, axis=1)
+    w2 = xp.flip(xp.cumulative_sum(xp.flip(hist, axis=1), axis=1), axis=1)
+    m1 = xp.cumulative_sum(hist * centers, axis=1) / xp.where(w1 > 0, w1, xp.ones_like(w1))
+    w2f = xp.flip(w2, axis=1)
+    m2 = xp.flip(xp.cumulative_sum(xp.flip(hist * centers, axis=1), axis=1) / xp.where(w2f > 0, w2f, xp.ones_like(w2f)),
+                 axis=1)
+    var = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
+    return xp.take_along_axis(centers, xp.argmax(var, axis=1, keepdims=True), axis=1)[:, 0]
+
+
+def _otsu_from_histogram(hist, lo: float, hi: float) -> float:
+    """Otsu's threshold from a histogram over ``[lo, hi]`` (:func:`_otsu_rows` of one row)."""
+    xp = array_namespace(hist)
+    row = xp.asarray([[lo, (hi - lo) / hist.shape[0]]], dtype=xp.float64)
+    return float(_otsu_rows(hist[None, :], row[:, 0], row[:, 1])[0])
 
 
 def otsu_threshold(values, nbins: int = 256) -> float:
@@ -372,15 +381,7 @@ def _log_plane_thresholds(smoothed, params: MaskParams, nbins: int = 256) -> np.
     idx = xp.clip(xp.astype(xp.floor((logv - lo_s[:, None]) / width[:, None]), xp.int64), 0, nbins - 1)
     keys = xp.reshape(idx + xp.arange(k, dtype=xp.int64)[:, None] * nbins, (-1,))
     hist = xp.reshape(segment_sum(keys, xp.reshape(xp.astype(pos, xp.float64), (-1,)), k * nbins), (k, nbins))
-    centers = lo_s[:, None] + (xp.arange(nbins, dtype=xp.float64) + 0.5)[None, :] * width[:, None]
-    w1 = xp.cumulative_sum(hist, axis=1)
-    w2 = xp.flip(xp.cumulative_sum(xp.flip(hist, axis=1), axis=1), axis=1)
-    m1 = xp.cumulative_sum(hist * centers, axis=1) / xp.where(w1 > 0, w1, xp.ones_like(w1))
-    w2f = xp.flip(w2, axis=1)
-    m2 = xp.flip(xp.cumulative_sum(xp.flip(hist * centers, axis=1), axis=1) / xp.where(w2f > 0, w2f, xp.ones_like(w2f)),
-                 axis=1)
-    var = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
-    best = xp.take_along_axis(centers, xp.argmax(var, axis=1, keepdims=True), axis=1)[:, 0]
+    best = _otsu_rows(hist, lo_s, width)
     count_h, lo_h, best_h, spread_h = to_numpy(xp.stack([xp.astype(count, xp.float64), lo, best,
                                                          xp.astype(spread, xp.float64)]))   # the one host read
     out = np.where(spread_h > 0, best_h, lo_h)

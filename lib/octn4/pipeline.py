@@ -250,7 +250,9 @@ class _PlaneStatsRecorder:
         self.pixels = np.zeros(depth, np.int64)
 
     def __call__(self, z0: int, planes, mask) -> None:
-        med, n = plane_log_medians(planes, mask)
+        self.set(z0, *plane_log_medians(planes, mask))
+
+    def set(self, z0: int, med, n) -> None:
         self.log_median[z0:z0 + len(med)] = med
         self.pixels[z0:z0 + len(n)] = n
 
@@ -325,8 +327,7 @@ def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: 
                 for z0, block in done.blocks:
                     writer.write(z0, block)
                 for z0, med, n in done.stats:
-                    stats.log_median[z0:z0 + len(med)] = med
-                    stats.pixels[z0:z0 + len(n)] = n
+                    stats.set(z0, med, n)
                 advance()
     except BrokenProcessPool:
         raise WorkerKilled(f"a mask worker process was killed (most often out of memory: {workers} workers each "
