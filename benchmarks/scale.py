@@ -11,17 +11,18 @@ In one run, on one stack (``--stack``, e.g. a 4 GiB ``octn4 synth --shape
    ``metrics.json`` instead of running): per-stage seconds, MB/s of input
    per core, and the whole run against the floor.
 3. **A prediction for N nodes** from the measured per-task times and
-   today's DAG: ``TISSUE_MASK`` (one task per brain, its sections in the
+   the DAG: ``TISSUE_MASK`` (one task per brain, its sections in the
    task's cores), ``N4_SECTION`` (one task per section), ``N4_GLOBAL``
-   (gains, global fit and apply in one task).  The critical path is
-   ``mask + ceil(sections / (N * cores)) * section + global``, the mask's
-   time taken as measured here on ``--cores`` cores (it runs on one node
-   whatever N is), and a section task's time as the sections stage's
-   seconds x its workers / sections.  For a 1 TB brain the voxel-bound
-   stages (mask, apply, the global task's reads) are scaled by voxels and
-   the section count by depth at the same section thickness.  A model,
-   not a measurement: it ignores queueing, staging and file-system
-   contention.
+   (gains and global fit), ``APPLY_SECTION`` (one task per section) and
+   ``FINISH`` (one per brain: links and pyramids).  The critical path is
+   ``mask + waves x section + global + waves x apply + finish`` with
+   ``waves = ceil(sections / (N * cores))``, the mask's time taken as
+   measured here on ``--cores`` cores (it runs on one node whatever N is),
+   and a section or apply task's time as its stage's seconds x the workers
+   / sections.  For a 1 TB brain the per-brain stages (mask, the global
+   task's reads, finish) are scaled by voxels and the section count by
+   depth at the same section thickness.  A model, not a measurement: it
+   ignores queueing, staging and file-system contention.
 
 Usage::
 
@@ -86,16 +87,15 @@ def run_octn4(stack: Path, out: Path, extra: list[str]) -> dict:
 
 
 def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0) -> float:
-    """Critical path of today's DAG on ``nodes`` nodes of ``cores`` cores (see the module's docstring)."""
+    """Critical path of the DAG on ``nodes`` nodes of ``cores`` cores (see the module's docstring)."""
     t = metrics["timings_s"]
     n = len(metrics["sections"])
     workers = max(1, min(cores, n))
-    per_section = t["sections"] * workers / n
     n_scaled = math.ceil(n * scale_voxels)            # the same section thickness: sections grow with depth
-    per_node = cores                                   # one section task per core
-    sections = math.ceil(n_scaled / (nodes * per_node)) * per_section
-    voxel_bound = (t["validate"] + t["mask"] + t.get("gains", 0.0) + t["global_fit"] + t["apply"]) * scale_voxels
-    return voxel_bound + sections
+    waves = math.ceil(n_scaled / (nodes * cores))      # one section (or apply) task per core
+    per_task = (t["sections"] + t["apply"]) * workers / n
+    per_brain = (t["validate"] + t["mask"] + t.get("gains", 0.0) + t["global_fit"] + t.get("finish", 0.0))
+    return per_brain * scale_voxels + waves * per_task
 
 
 def main(argv=None):

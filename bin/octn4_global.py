@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""N4_GLOBAL: global N4 over the re-assembled stack, then corrected volume, bias, fields and metrics."""
+"""N4_GLOBAL: section gains and global N4 over the re-assembled stack; writes the solution the apply tasks read."""
 
 import argparse
 import sys
@@ -15,10 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="input volume (.ome.zarr or .zarr)")
     p.add_argument("mask", type=Path, help="tissue mask from octn4_mask.py")
     p.add_argument("sections", type=Path, help="assembled record from octn4_assemble.py")
-    p.add_argument("outdir", type=Path, help="output folder (created complete, or not at all)")
+    p.add_argument("out", type=Path, help="the solution to write (.json: gains, global field, provenance)")
     cli.add_voxel_size_arg(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    p.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
     cli.add_engine_args(p)
     cli.add_gain_args(p)
     cli.add_n4_args(p, "global-", title="global N4")
@@ -28,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a) -> None:
     config = pipeline.RunConfig(global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
-                                threads=a.threads, output_format=a.format, overwrite=a.overwrite, engine=a.engine,
+                                threads=a.threads, overwrite=a.overwrite, engine=a.engine,
                                 device=a.device, voxel_size=a.voxel_size)
-    pipeline.stage_global_files(a.input, a.mask, a.sections, a.outdir, config=config)
+    pipeline.stage_global_files(a.input, a.mask, a.sections, a.out, config=config)
 
 
 def main(argv=None) -> int:

@@ -109,7 +109,8 @@ def test_lint_catches_planted_errors(jar, copy):
 def test_contract_holds(project):
     problems = contract_problems(project)
     assert not problems, "\n".join(problems)
-    assert set(project.processes) == {"TISSUE_MASK", "N4_SECTION", "ASSEMBLE", "N4_GLOBAL", "REPORT"}
+    assert set(project.processes) == {"TISSUE_MASK", "N4_SECTION", "ASSEMBLE", "N4_GLOBAL", "APPLY_SECTION", "FINISH",
+                                      "REPORT"}
 
 
 PLANTED = {
@@ -174,18 +175,34 @@ def read(path):
 
 
 def test_script_blocks_in_workflow_order_reproduce_octn4_run(project, tiny_stack, tmp_path):
-    """-profile test's parameters; sections run out of order; the result is octn4 run's, bit for bit."""
+    """-profile test's parameters; sections fitted out of order; the apply tasks run at once, in another
+    order, on sections that do not fall on the outputs' 8-plane chunk rows (section 0's part reaches into
+    section 1, section 1's part owns no row); the result is octn4 run's, bit for bit, pyramid included."""
+    import json
+
+    import zarr
+
     from octn4.cli import main
 
     params = project.params("conf/test.config")
-    out = run_workflow(project, tmp_path / "work", tiny_stack, META, params, section_order=[2, 0, 1])
-    assert main(["run", str(tiny_stack), str(tmp_path / "run"), "--sections", "3",
+    meta = dict(META, sections=None, planes="10,6,8")
+    out = run_workflow(project, tmp_path / "work", tiny_stack, meta, params, section_order=[2, 0, 1],
+                       apply_order=[1, 2, 0])
+    parts = [json.loads(p.read_text()) for p in (tmp_path / "work").glob("*_APPLY_SECTION_*/brain01.part_*/part.json")]
+    assert [p["planes"] for p in sorted(parts, key=lambda p: p["index"])] == [[0, 16], [16, 16], [16, 24]]
+    assert main(["run", str(tiny_stack), str(tmp_path / "run"), "--planes", "10,6,8",
                  "--iterations", params["iterations"], "--shrink", params["shrink"],
                  "--global-iterations", params["global_iterations"], "--global-shrink", params["global_shrink"],
                  "-q"]) == 0
     for name in ("corrected.ome.zarr", "bias.ome.zarr"):
-        np.testing.assert_array_equal(read(out["results"] / name), read(tmp_path / "run" / name))
+        levels = sorted(p.name for p in (tmp_path / "run" / name).glob("s*"))
+        assert levels == sorted(p.name for p in (out["results"] / name).glob("s*"))
+        for level in levels:
+            np.testing.assert_array_equal(zarr.open_array(str(out["results"] / name / level), mode="r")[:],
+                                          zarr.open_array(str(tmp_path / "run" / name / level), mode="r")[:])
     np.testing.assert_array_equal(read(out["mask"]), read(tmp_path / "run" / "mask.ome.zarr"))
+    ours, theirs = (json.loads((d / "fields.json").read_text()) for d in (out["results"], tmp_path / "run"))
+    assert ours == theirs
     assert (out["report"] / "report.html").read_text().count("brain01") >= 2
 
 
@@ -260,6 +277,6 @@ def test_a_task_given_a_gpu_asks_for_cuda_and_fails_without_one(project, tmp_pat
 
     if importlib.util.find_spec("cupy") is None:
         r = subprocess.run([sys.executable, str(ROOT / "bin" / "octn4_global.py"), "in.ome.zarr", "m.ome.zarr",
-                            "s.json", str(tmp_path / "out"), "--device", "cuda"], capture_output=True, text=True)
+                            "s.json", str(tmp_path / "out.json"), "--device", "cuda"], capture_output=True, text=True)
         assert r.returncode == 2 and "device 'cuda' needs CuPy, which is not installed" in r.stderr
-        assert not (tmp_path / "out").exists()
+        assert not (tmp_path / "out.json").exists()

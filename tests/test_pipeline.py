@@ -123,8 +123,13 @@ def test_bin_scripts_in_workflow_order_reproduce_run(small_stack, tmp_path):
              "--index", str(i), "--sections", "3", "--iterations", "10,10")
     call("octn4_assemble.py", str(tmp_path / "all.json"), *(str(tmp_path / f"s{i}.json") for i in (1, 2, 0)),
          "--expected", "3")
-    call("octn4_global.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / "all.json"), str(tmp_path / "out"),
+    call("octn4_global.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / "all.json"), str(tmp_path / "g.json"),
          "--global-iterations", "10,10", "--global-shrink", "4")
+    for i in (1, 2, 0):
+        call("octn4_apply.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / "g.json"), str(tmp_path / f"p{i}"),
+             "--index", str(i))
+    call("octn4_finish.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / "g.json"), str(tmp_path / "out"),
+         *(str(tmp_path / f"p{i}") for i in (2, 0, 1)))
     for name in ("corrected.ome.zarr", "bias.ome.zarr"):
         np.testing.assert_array_equal(read(tmp_path / "out" / name), read(tmp_path / "run" / name))
     np.testing.assert_array_equal(read(tmp_path / "mask.ome.zarr"), read(tmp_path / "run" / "mask.ome.zarr"))
@@ -234,7 +239,11 @@ def test_workflow_stages_record_the_parameters_they_ran_with(small_stack, tmp_pa
         call("octn4_section.py", inp, mask, str(tmp_path / f"s{i}.json"), "--index", str(i), "--planes", "14,18,16",
              *section_opts)
     call("octn4_assemble.py", str(tmp_path / "all.json"), *(str(tmp_path / f"s{i}.json") for i in range(3)))
-    call("octn4_global.py", inp, mask, str(tmp_path / "all.json"), str(tmp_path / "out"), *global_opts)
+    call("octn4_global.py", inp, mask, str(tmp_path / "all.json"), str(tmp_path / "g.json"), *global_opts)
+    for i in range(3):
+        call("octn4_apply.py", inp, mask, str(tmp_path / "g.json"), str(tmp_path / f"p{i}"), "--index", str(i))
+    call("octn4_finish.py", inp, mask, str(tmp_path / "g.json"), str(tmp_path / "out"),
+         *(str(tmp_path / f"p{i}") for i in range(3)))
     assert main(["run", inp, str(tmp_path / "run"), "--planes", "14,18,16", *mask_opts, *section_opts,
                  *global_opts, "-q"]) == 0
     wf = json.loads((tmp_path / "out" / "metrics.json").read_text())["provenance"]["parameters"]
@@ -250,7 +259,8 @@ def test_workflow_stages_record_the_parameters_they_ran_with(small_stack, tmp_pa
 
 
 def test_apply_tiles_are_whole_output_shards_and_whole_input_chunks_where_memory_allows():
-    from octn4.pipeline import CHUNKS, tile_planes_for
+    from octn4.apply import tile_planes_for
+    from octn4.io import CHUNKS
 
     # 1024^2 planes: 1024 MiB holds 42 planes of 6 buffers; 32 is the most that is whole 16-plane input chunks
     assert tile_planes_for((100, 1024, 1024), 1024, 16) == 32
@@ -300,5 +310,5 @@ def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, 
     assert not any((tmp_path / "w" / "floor").iterdir())
     one, eight, many = (r["this_stack_s"] for r in res["prediction"])
     t = res["timings_s"]
-    assert one >= eight >= many >= t["mask"] + t["apply"]
+    assert one >= eight >= many >= t["mask"] + t["finish"]
     assert one == pytest.approx(t["total"], rel=0.05)

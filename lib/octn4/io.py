@@ -16,6 +16,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,12 @@ __all__ = [
     "create_writer",
     "OmeZarrWriter",
     "NiftiWriter",
+    "PartWriter",
     "is_nifti",
     "replace_path",
+    "write_json",
+    "atomic_dir",
+    "CHUNKS",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ UNIT_TO_MM = {
     "micrometer": 1e-3, "nanometer": 1e-6, "mm": 1.0, "micron": 1e-3,
 }
 SPATIAL_AXES = ("z", "y", "x")
+
+#: Chunks of every output octn4 writes (Z, Y, X); level 0's shards are one chunk row of whole planes.
+CHUNKS = (8, 256, 256)
 
 
 def is_nifti(path) -> bool:
@@ -405,6 +413,32 @@ def replace_path(tmp: Path, final: Path) -> None:
             trash.unlink()
 
 
+def write_json(obj, path) -> None:
+    """Write JSON under a temporary name, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(outdir, *, overwrite: bool):
+    """Yield a temporary folder that becomes ``outdir`` only if the block succeeds."""
+    outdir = Path(outdir)
+    if outdir.exists() and not overwrite:
+        raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
+    tmp = outdir.with_name(f".{outdir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        replace_path(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _check_output(final: Path, overwrite: bool) -> None:
     if final.exists() and not overwrite:
         raise InputError("output already exists; pass --overwrite to replace it", final)
@@ -529,6 +563,88 @@ class _Level:
         self.queued = [rows[n:]] if n < rows.shape[0] else []
 
 
+_hard_link = os.link
+
+
+def _create_level(group, name, shape, chunks, dtype, sharded: bool):
+    """One level's array in ``group``: ``chunks`` (clipped to the shape), one shard per chunk row of whole
+    planes when ``sharded``, the codec of :func:`output_compressors`."""
+    chunks = tuple(min(c, n) for c, n in zip(chunks, shape))
+    shards = (chunks[0],) + tuple(-(-n // c) * c for n, c in zip(shape[1:], chunks[1:])) if sharded else None
+    return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                              compressors=output_compressors(dtype), fill_value=0,
+                              dimension_names=list(SPATIAL_AXES))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``; copy it where the filesystem cannot (another device, object storage)."""
+    try:
+        _hard_link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def part_files(part, planes_per_file: int) -> list[tuple[Path, Path]]:
+    """The level-0 files of a :class:`PartWriter` store, as ``(path, path relative to s0)``, checked to lie
+    in the chunk rows the part owns (``planes_per_file`` planes each)."""
+    root = Path(part).resolve()
+    try:
+        owned = json.loads((root / "zarr.json").read_text())["attributes"]["octn4_part"]["planes"]
+        json.loads((root / "s0" / "zarr.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"not an octn4 output part ({exc})", part) from None
+    out = []
+    for dirpath, _, names in os.walk(root / "s0" / "c"):
+        for name in names:
+            src = Path(dirpath) / name
+            rel = src.relative_to(root / "s0")
+            z = int(rel.parts[1]) * planes_per_file
+            if not owned[0] <= z < owned[1]:
+                raise InputError(f"holds chunk row {rel.parts[1]} (planes {z}..{z + planes_per_file}) outside "
+                                 f"the planes {owned[0]}..{owned[1]} it owns", part)
+            out.append((src, rel))
+    return sorted(out)
+
+
+class PartWriter(_Writer):
+    """The part of an output that one apply task writes: level 0 of the chunk rows it owns.
+
+    The store holds the output's level-0 array (``s0``) with the output's
+    exact layout (:func:`_create_level`: shape, chunks, shards, codecs),
+    but only the chunk rows of planes ``owned = (z0, z1)`` are written
+    (``z0`` on a chunk row's edge; ``z1`` too, or the volume's end).  A
+    finishing step takes the shard files into the output with
+    :meth:`OmeZarrWriter.adopt`, by hard link: no voxel is read or written
+    twice, and since no two parts own one shard, parts may be written at
+    the same time by any number of processes or nodes, in any order.
+    """
+
+    def __init__(self, path, shape, *, owned, dtype=np.float32, chunks=None, overwrite=False, shards: bool = True):
+        import zarr
+
+        super().__init__(path, overwrite)
+        self.shape = tuple(int(n) for n in shape)
+        self.chunks = tuple(min(c, n) for c, n in zip(chunks or (16, 256, 256), self.shape))
+        z0, z1 = (int(v) for v in owned)
+        if z0 % self.chunks[0] or (z1 % self.chunks[0] and z1 != self.shape[0]) or not 0 <= z0 <= z1 <= self.shape[0]:
+            raise ValueError(f"a part must own whole chunk rows of {self.chunks[0]} planes; got {z0}..{z1}")
+        self.owned = (z0, z1)
+        group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        self._s0 = _create_level(group, "s0", self.shape, self.chunks, np.dtype(dtype), bool(shards))
+        self._group = group
+
+    def write(self, z0: int, block: np.ndarray) -> None:
+        z1 = z0 + block.shape[0]
+        if not self.owned[0] <= z0 <= z1 <= self.owned[1]:
+            raise ValueError(f"planes {z0}..{z1} are outside this part's {self.owned[0]}..{self.owned[1]}")
+        self._s0[z0:z1] = np.asarray(block, dtype=self._s0.dtype)
+
+    def commit(self) -> None:
+        self._group.attrs.update({"octn4_part": {"planes": list(self.owned)}})
+        replace_path(self.tmp, self.path)
+        self.committed = True
+
+
 class OmeZarrWriter(_Writer):
     """Write a multiscale OME-Zarr (NGFF 0.5) image slab by slab.
 
@@ -577,11 +693,32 @@ class OmeZarrWriter(_Writer):
         self._next_z = 0            # where the next in-order block starts; None once a block came out of order
 
     def _create(self, name, shape):
-        chunks = tuple(min(c, n) for c, n in zip(self.chunks, shape))
-        shards = (chunks[0],) + tuple(-(-n // c) * c for n, c in zip(shape[1:], chunks[1:])) if self.sharded else None
-        return self._group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=self.dtype,
-                                        compressors=output_compressors(self.dtype), fill_value=0,
-                                        dimension_names=list(SPATIAL_AXES))
+        return _create_level(self._group, name, shape, self.chunks, self.dtype, self.sharded)
+
+    def adopt(self, part) -> int:
+        """Take a :class:`PartWriter`'s level-0 shards into this output, by hard link (a copy where the
+        filesystem cannot link).  Returns the number of files taken.
+
+        The part's array must have this output's layout exactly (shape,
+        chunks, shards, codecs), and its files must lie in the chunk rows it
+        owns and that no other part gave: a violation is an error, never a
+        silent overwrite.  After any adoption :meth:`commit` builds the
+        pyramid from level 0 as stored.
+        """
+        root = Path(part).resolve()
+        files = part_files(part, self._s0.chunks[0] if self._s0.shards is None else self._s0.shards[0])
+        theirs, ours = (json.loads((r / "s0" / "zarr.json").read_text()) for r in (root, self.tmp))
+        if theirs != ours:
+            raise InputError("this part's array layout (shape, chunks, codecs) differs from the output's", part)
+        for src, rel in files:
+            dst = self.tmp / "s0" / rel
+            if dst.exists():
+                raise InputError(f"chunk row {rel.parts[1]} was written by two parts", part)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(src, dst)
+        taken = len(files)
+        self._next_z = None
+        return taken
 
     def write(self, z0: int, block: np.ndarray) -> None:
         block = np.asarray(block, dtype=self.dtype)

@@ -41,6 +41,24 @@ class PlaneStats:
                     self.sum[name][z0 + k] = float(v.sum(dtype=np.float64))
                     self.sumsq[name][z0 + k] = float(np.square(v, dtype=np.float64).sum())
 
+    def part(self, z0: int, z1: int) -> dict:
+        """The statistics of planes ``z0..z1`` (JSON-ready, exact), for :meth:`merge`."""
+        def values(a):
+            return [None if not np.isfinite(v) else float(v) for v in a[z0:z1]]
+
+        return {"planes": [int(z0), int(z1)], "area": int(self.area), "count": self.count[z0:z1].tolist(),
+                **{f"{key}_{name}": values(getattr(self, key)[name])
+                   for key in ("median", "sum", "sumsq") for name in self.median}}
+
+    def merge(self, part: dict) -> None:
+        """Take the planes of a :meth:`part` (one apply task's) into these statistics."""
+        z0, z1 = part["planes"]
+        self.area = max(self.area, int(part["area"]))
+        self.count[z0:z1] = part["count"]
+        for key, missing in (("median", np.nan), ("sum", 0.0), ("sumsq", 0.0)):
+            for name in self.median:
+                getattr(self, key)[name][z0:z1] = [missing if v is None else v for v in part[f"{key}_{name}"]]
+
     def profile(self) -> dict:
         """Per-plane tissue voxel counts and median intensities (JSON-ready)."""
         out = {"tissue_voxels": self.count.tolist()}

@@ -1,4 +1,4 @@
-"""The octn4 pipeline: mask -> N4 per section -> global N4 -> corrected volume.
+"""The octn4 pipeline: mask -> N4 per section -> gains + global N4 -> apply per section -> finish.
 
 Each stage is a function with file-in / file-out contracts, called both by
 the local runner :func:`run` and by the ``bin/`` scripts that the Nextflow
@@ -10,15 +10,17 @@ stage           reads                                        writes
 mask            input volume                                 ``mask.ome.zarr``
 section *i*     its own Z slab of input and mask             ``section_i.json`` (lattice)
 assemble        all ``section_*.json``                       ``sections.json``
-global + apply  input, mask, ``sections.json``               ``corrected``, ``bias``,
+global          input, mask, ``sections.json``               ``global.json`` (the solution)
+apply *i*       its chunk rows of input and mask, solution   ``part_i/`` (:mod:`octn4.apply`)
+finish          every part, the solution                     ``corrected``, ``bias``,
                                                              ``fields.json``, ``metrics.json``
 ==============  ===========================================  ==========================
 
 Fields travel as B-spline control lattices (a few kB), never as volumes:
 the global fit builds its shrunk copy of ``input / section_bias`` one Z
-block at a time (:mod:`octn4.shrink`), and the final pass evaluates
+block at a time (:mod:`octn4.shrink`), and each apply task evaluates
 ``bias = section_bias * global_bias`` tile by tile while writing
-``corrected = input / bias``.  Memory is bounded
+``corrected = input / bias`` for the chunk rows it owns.  Memory is bounded
 by one section (per-section stage), the shrunk fit grid (global fit) and one
 tile (apply), whatever the volume size.
 """
@@ -31,7 +33,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -48,7 +49,17 @@ import numpy as np
 
 from . import __version__, defaults
 from ._backend import DEVICES
-from .bspline import BSplineField, shrink_grid
+from .apply import (
+    apply_part,
+    finish,
+    mask_plane_thresholds,
+    peak_rss_mib,
+    read_solution,
+    section_fields,
+    section_log_field,
+    tile_planes_for,
+)
+from .bspline import shrink_grid
 from .depth import fit_depth_profiles, plane_log_medians
 from .errors import InputError, WorkerKilled
 from .gains import (
@@ -61,9 +72,18 @@ from .gains import (
     solve_gains,
     touching_step,
 )
-from .io import Volume, create_writer, open_volume, replace_path, scan_volume, validate_scan
+from .io import (
+    CHUNKS,
+    Volume,
+    atomic_dir,
+    create_writer,
+    open_volume,
+    replace_path,
+    scan_volume,
+    validate_scan,
+    write_json,
+)
 from .mask import MaskParams, above_in_plane, section_plane_thresholds, write_section_mask, write_tissue_mask
-from .metrics import PlaneStats, boundary_steps, section_summary
 from .n4 import ENGINES, FitResult, N4Params, choose_device, fit_bias, fit_bias_batch, shrink_factors
 from .progress import progress
 from .sections import section_bounds
@@ -73,12 +93,10 @@ log = logging.getLogger("octn4")
 
 __all__ = [
     "RunConfig", "run", "open_input", "stage_mask", "fit_section", "stage_section",
-    "assemble_sections", "fit_global", "apply_correction", "stage_global", "provenance", "atomic_dir",
-    "write_json", "stage_global_files", "volume_sections",
+    "assemble_sections", "fit_global", "solve_global", "apply_parts", "stage_global", "provenance", "atomic_dir",
+    "write_json", "stage_global_files", "stage_apply_files", "stage_finish_files", "volume_sections",
     "read_records",
 ]
-
-CHUNKS = (8, 256, 256)
 
 #: Share of a GPU's free memory that one batch of section fits may plan to use (the rest: the section data
 #: being read, CuPy's kernels and FFT plans, fragmentation).
@@ -198,19 +216,6 @@ def provenance(stage: str, vol: Volume, parameters: dict, *, engine=None, device
     if extra:
         d.update(extra)
     return d
-
-
-def write_json(obj, path) -> None:
-    """Write JSON under a temporary name, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _peak_rss_mib() -> dict:
-    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 # --------------------------------------------------------------------------- stages
@@ -554,36 +559,6 @@ def read_records(paths) -> list[dict]:
     return out
 
 
-def _section_fields(records) -> list[tuple[int, int, BSplineField, float]]:
-    """``(z0, z1, field, log gain)`` per section; the gain is 0 until harmonised."""
-    return [(r["z_start"], r["z_stop"], BSplineField.from_dict(r["field"]), float(r.get("gain_log", 0.0)))
-            for r in records]
-
-
-def _section_log_field(fields, z, ys=None, xs=None) -> np.ndarray:
-    """Per-section log bias (field + log gain) at planes ``z`` (ascending) and Y/X index arrays."""
-    z = np.asarray(z)
-    parts = []
-    for z0, z1, fld, gain in fields:
-        sel = z[(z >= z0) & (z < z1)]
-        if sel.size:
-            parts.append(fld.evaluate(sel - z0, ys, xs) + np.float32(gain))
-    return np.concatenate(parts, axis=0)
-
-
-def _plane_thresholds(msk: Volume):
-    """The per-plane thresholds the mask stage stored with the mask (``-inf``: all tissue), or None."""
-    from .io import read_attrs
-
-    try:
-        thr = read_attrs(msk.path).get("plane_thresholds")
-    except (OSError, ValueError):
-        return None
-    if thr is None or len(thr) != msk.shape[0]:
-        return None
-    return np.array([-np.inf if t is None else t for t in thr], np.float32)
-
-
 def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
                     mask_sigma: float = defaults.MASK.smoothing_sigma):
     """One gain per section from the tissue at each boundary (see :mod:`octn4.gains`).
@@ -592,9 +567,9 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
     ``2 * boundary_planes`` planes ('planes').  Returns the records
     with ``gain_log`` set, and a per-boundary report.
     """
-    fields = _section_fields(records)
+    fields = section_fields(records)
     k = params.boundary_planes if params.estimator == "planes" else 1
-    thresholds = _plane_thresholds(msk)
+    thresholds = mask_plane_thresholds(msk)
     steps, report = [], []
     for (a0, a1, fa, _), (b0, b1, fb, _) in zip(fields[:-1], fields[1:]):
         ka, kb = min(k, a1 - a0), min(k, b1 - b0)
@@ -642,7 +617,7 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
                engine: str = "octn4", device: str = "cpu") -> FitResult:
     """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
-    fields = _section_fields(records)
+    fields = section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)
     (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(vol.shape, s))
     iy, ix = oy + s[1] * np.arange(my), ox + s[2] * np.arange(mx)
@@ -654,11 +629,11 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
         for j in range(mz):
             if params.shrink_mode == "mean":
                 img, fit = _block_mean_grid(vol, msk, blocks[j:j + 1], s,
-                                            log_field=lambda zb: _section_log_field(fields, zb))
+                                            log_field=lambda zb: section_log_field(fields, zb))
                 sub[j], sub_mask[j] = img[0], fit[0]
             else:
                 z = oz + s[0] * j
-                f = _section_log_field(fields, [z], iy, ix)
+                f = section_log_field(fields, [z], iy, ix)
                 sub[j] = vol.read(z, z + 1, ys, xs)[0] / np.exp(f[0])
                 sub_mask[j] = msk.read(z, z + 1, ys, xs)[0] > 0
             advance()
@@ -667,54 +642,9 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
                     params=params, threads=threads, engine=engine, device=device)
 
 
-def tile_planes_for(shape, tile_mib: int, input_chunk_planes: int = 1) -> int:
-    """Planes per apply tile: about 6 float32 buffers of the tile fit in ``tile_mib``.
-
-    A whole number of the outputs' chunk rows (whole shards: each written
-    once) and, where ``tile_mib`` allows, of the input's Z chunks too, so
-    that no input chunk is decompressed by two tiles (8-plane tiles over
-    16-plane input chunks read every input chunk twice).
-    """
-    per_plane = shape[1] * shape[2] * 4 * 6
-    n = max(1, int(tile_mib * 2 ** 20 // per_plane))
-    for unit in (math.lcm(CHUNKS[0], max(1, input_chunk_planes)), CHUNKS[0]):
-        if n >= unit:
-            return n // unit * unit
-    return n
-
-
-def apply_correction(vol: Volume, msk: Volume, records, global_field: BSplineField, writers: dict,
-                     *, tile_planes: int) -> PlaneStats:
-    """Evaluate ``bias = section_bias * global_bias`` tile by tile and write corrected and bias.
-
-    ``writers`` maps 'corrected' and 'bias' to open writers.  Returns the
-    per-plane tissue statistics of the input ('before') and the corrected
-    volume ('after').
-    """
-    fields = _section_fields(records)
-    stats = PlaneStats(vol.shape[0])
-    starts = range(0, vol.shape[0], tile_planes)
-    with progress(len(starts), "apply bias field") as advance:
-        for z0 in starts:
-            z1 = min(vol.shape[0], z0 + tile_planes)
-            zz = np.arange(z0, z1)
-            log_b = _section_log_field(fields, zz)
-            log_b += global_field.evaluate(zz)
-            bias = np.exp(log_b)
-            del log_b
-            raw = vol.read(z0, z1)
-            corrected = raw / np.maximum(bias, np.float32(1e-6))
-            writers["corrected"].write(z0, corrected)
-            writers["bias"].write(z0, bias)
-            stats.add(z0, msk.read(z0, z1) > 0, before=raw, after=corrected)
-            advance()
-    return stats
-
-
-def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: RunConfig, attrs: dict,
-                 timings: dict) -> dict:
-    """Global fit, apply, and the outputs ``corrected``, ``bias``, ``fields.json``, ``metrics.json``."""
-    ext = ".nii.gz" if config.output_format == "nifti" else ".ome.zarr"
+def solve_global(vol: Volume, msk: Volume, records, *, config: RunConfig, attrs: dict, timings: dict) -> dict:
+    """Section gains and the global fit: the *solution* every apply task and the finishing step read
+    (:mod:`octn4.apply`): the records with their gains, the global field, the gain report, the provenance."""
     gain_report = []
     if config.gains.enabled and len(records) > 1:
         t0 = time.perf_counter()
@@ -728,111 +658,60 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
     attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
                  section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0),
                                     gain_anchor_log=r.get("gain_anchor_log")) for r in records])
+    return {"shape": list(vol.shape), "sections": records, "global": gfit.field.to_dict(),
+            "global_fit": gfit.summary(), "gain_boundaries": gain_report, "provenance": attrs,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _apply_task(job):
+    input_path, mask_path, voxel_size, solution, index, out_dir, tile_planes = job
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    return apply_part(vol, _open_mask(mask_path, vol), solution, index, out_dir, tile_planes=tile_planes,
+                      overwrite=True, show_progress=False)
+
+
+def apply_parts(vol: Volume, msk: Volume, solution: dict, part_dir: Path, *, tile_mib: int, workers: int = 1,
+                order=None) -> list[Path]:
+    """Every section's output part (:func:`octn4.apply.apply_part`) in ``part_dir``, ``workers`` at a time,
+    in ``order`` (default: by index).  Returns the part folders by index."""
+    n = len(solution["sections"])
+    order = list(range(n)) if order is None else list(order)
+    tile_planes = tile_planes_for(vol.shape, tile_mib, vol.chunk_planes)
+    paths = [Path(part_dir) / f"part_{i}" for i in range(n)]
+    jobs = [(vol.path, msk.path, vol.voxel_size, solution, i, paths[i], tile_planes) for i in order]
+    workers = max(1, min(workers, n))
+    with progress(len(jobs), "apply bias field") as advance:
+        if workers == 1:
+            for j in jobs:
+                _apply_task(j)
+                advance()
+            return paths
+        try:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for _ in pool.map(_apply_task, jobs):
+                    advance()
+        except BrokenProcessPool:
+            raise WorkerKilled(f"an apply worker process was killed (most often out of memory: {workers} workers "
+                               f"each held one tile of {tile_planes} planes); use fewer --workers or a smaller "
+                               "--tile-mib") from None
+    return paths
+
+
+def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: RunConfig, attrs: dict,
+                 timings: dict) -> dict:
+    """Gains, global fit, the apply one part per section, then the outputs ``corrected``, ``bias``,
+    ``fields.json``, ``metrics.json`` in ``outdir`` (a private temporary folder)."""
+    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings)
     t0 = time.perf_counter()
-    kw = dict(chunks=CHUNKS, overwrite=True, affine=vol.affine)   # outdir is a private temporary folder
-    with create_writer(outdir / f"corrected{ext}", vol.shape, vol.voxel_size,
-                       attrs=dict(attrs, output="corrected"), **kw) as wc, \
-            create_writer(outdir / f"bias{ext}", vol.shape, vol.voxel_size,
-                          attrs=dict(attrs, output="bias"), **kw) as wb:
-        stats = apply_correction(vol, msk, records, gfit.field, {"corrected": wc, "bias": wb},
-                                 tile_planes=tile_planes_for(vol.shape, config.tile_mib, vol.chunk_planes))
-        wc.commit()
-        wb.commit()
+    parts = apply_parts(vol, msk, solution, outdir / ".work" / "parts", tile_mib=config.tile_mib,
+                        workers=1 if config.device == "cuda" else config.workers)
     timings["apply"] = time.perf_counter() - t0
-    write_json({"sections": [{k: r.get(k, 0.0) for k in ("index", "z_start", "z_stop", "gain_log", "field")}
-                             for r in records],
-                "global": gfit.field.to_dict()}, outdir / "fields.json")
-    bounds = [(r["z_start"], r["z_stop"]) for r in records]
-    metrics = _metrics(vol, stats, bounds, records, gfit, attrs, timings, near_empty=near_empty_sections(msk, bounds))
-    write_json(metrics, outdir / "metrics.json")
-    return metrics
-
-
-def _finite_mean(a, *, root=False):
-    """Mean of the finite values of ``a`` (its square root with ``root``); None when there are none."""
-    a = np.asarray(a, float)
-    a = a[np.isfinite(a)]
-    if not a.size:
-        return None
-    m = float(np.mean(a))
-    return math.sqrt(m) if root else m
-
-
-def near_empty_sections(msk: Volume, bounds) -> list[int]:
-    """Sections in which the mask stage found no tissue threshold on any plane (the whole slab is tissue)."""
-    thr = _plane_thresholds(msk)
-    if thr is None:                   # a user's mask: it says what tissue is
-        return []
-    out = [i for i, (z0, z1) in enumerate(bounds) if np.all(np.isneginf(thr[z0:z1]))]
-    for i in out:
-        log.warning("section %d: the mask found too few positive voxels for a tissue threshold and took the whole "
-                    "slab as tissue; its correction is flagged", i)
-    return out
-
-
-def _metrics(vol, stats, bounds, records, gfit, attrs, timings, near_empty=()) -> dict:
-    rows = section_summary(stats, bounds, vol.voxel_size, near_empty=near_empty,
-                           fits=[dict(r["fit"], gain_log=r.get("gain_log", 0.0),
-                                      gain_anchor_log=r.get("gain_anchor_log")) for r in records])
-    summary = {}
-    for name in ("before", "after"):
-        steps = np.array(boundary_steps(np.log(stats.median[name]), bounds), float)
-        slopes = np.array([np.nan if r[f"depth_slope_per_mm_{name}"] is None else r[f"depth_slope_per_mm_{name}"]
-                           for r in rows], float)
-        cvs = np.array([np.nan if r[f"cv_{name}"] is None else r[f"cv_{name}"] for r in rows], float)
-        summary[f"boundary_step_rms_{name}"] = _finite_mean(steps ** 2, root=True)
-        summary[f"depth_slope_abs_mean_{name}"] = _finite_mean(np.abs(slopes))   # None: no section has 3 planes
-        summary[f"cv_median_{name}"] = float(np.median(cvs[np.isfinite(cvs)])) if np.isfinite(cvs).any() else None
-    summary["sections_flagged"] = [r["index"] for r in rows if r["flags"]]
-    summary["sections_near_empty"] = list(near_empty)
-    summary["gain_boundaries"] = gb = attrs.get("gain_boundaries", [])
-    summary["all_boundaries_bridged"] = bool(gb) and all(b["bridged"] for b in gb)
-    params = attrs.get("parameters", {})
-    summary["device_choice"] = params.get("device_choice")
-    summary["device_fallback"] = params.get("device_choice") if params.get("device_requested") == "auto" and \
-        params.get("device") == "cpu" else None
-    if summary["all_boundaries_bridged"]:
-        log.warning("gains: every section boundary was bridged; the section gains were not measured")
-    return {
-        "input": os.path.abspath(vol.path),
-        "shape": list(vol.shape),
-        "voxel_size_mm": list(vol.voxel_size),
-        "summary": summary,
-        "sections": rows,
-        "global_fit": gfit.summary(),
-        "profile": stats.profile(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mib": _peak_rss_mib(),
-        "provenance": attrs,
-    }
-
+    return finish(vol, msk, solution, parts, outdir, output_format=config.output_format, timings=timings)
 
 # --------------------------------------------------------------------------- local runner
 
 
-@contextmanager
-def atomic_dir(outdir, *, overwrite: bool):
-    """Yield a temporary folder that becomes ``outdir`` only if the block succeeds."""
-    outdir = Path(outdir)
-    if outdir.exists() and not overwrite:
-        raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
-    tmp = outdir.with_name(f".{outdir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        shutil.rmtree(tmp / ".work", ignore_errors=True)
-        replace_path(tmp, outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: RunConfig) -> dict:
-    """The global stage from files: input, mask, assembled section records -> ``outdir``."""
-    t_start = time.perf_counter()
-    vol = open_volume(input_path, voxel_size=config.voxel_size)
-    msk = _open_mask(mask_path, vol)
+def _read_records(sections_json, vol: Volume) -> list[dict]:
     try:
         records = json.loads(Path(sections_json).read_text())["sections"]
     except (OSError, ValueError, KeyError) as exc:
@@ -841,14 +720,47 @@ def stage_global_files(input_path, mask_path, sections_json, outdir, *, config: 
     if records[-1]["z_stop"] != vol.shape[0] or records[0]["z_start"] != 0:
         raise InputError(f"sections cover planes {records[0]['z_start']}..{records[-1]['z_stop']} but the "
                          f"volume has {vol.shape[0]}", sections_json)
+    return records
+
+
+def stage_global_files(input_path, mask_path, sections_json, out_json, *, config: RunConfig) -> dict:
+    """The global stage from files: input, mask, assembled section records -> the solution ``out_json``."""
+    t_start = time.perf_counter()
+    out_json = Path(out_json)
+    if out_json.exists() and not config.overwrite:
+        raise InputError("output already exists; pass --overwrite to replace it", out_json)
+    vol = open_volume(input_path, voxel_size=config.voxel_size)
+    msk = _open_mask(mask_path, vol)
+    records = _read_records(sections_json, vol)
     bounds = [[r["z_start"], r["z_stop"]] for r in records]
     attrs = provenance("global", vol, stage_parameters(config, msk, records), engine=config.engine,
                        device=config.device, extra={"sections": bounds, "stages": _stage_records(msk, records)})
     timings: dict[str, float] = {}
-    with atomic_dir(outdir, overwrite=config.overwrite) as tmp:
-        metrics = stage_global(vol, msk, records, tmp, config=config, attrs=attrs, timings=timings)
-        timings["total"] = time.perf_counter() - t_start
-        metrics["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings)
+    solution["timings_s"]["global_total"] = round(time.perf_counter() - t_start, 3)
+    write_json(solution, out_json)
+    return solution
+
+
+def stage_apply_files(input_path, mask_path, solution_json, index: int, out_dir, *, voxel_size=None,
+                      tile_mib: int = 1024, overwrite: bool = False) -> dict:
+    """One section's output part from files: input, mask, the global solution -> ``out_dir``."""
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    msk = _open_mask(mask_path, vol)
+    return apply_part(vol, msk, read_solution(solution_json), index, out_dir,
+                      tile_planes=tile_planes_for(vol.shape, tile_mib, vol.chunk_planes), overwrite=overwrite)
+
+
+def stage_finish_files(input_path, mask_path, solution_json, part_dirs, outdir, *, voxel_size=None,
+                       output_format: str = "ome-zarr", overwrite: bool = False) -> dict:
+    """The outputs from files: the parts of every section and the global solution -> ``outdir``."""
+    t_start = time.perf_counter()
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    msk = _open_mask(mask_path, vol)
+    solution = read_solution(solution_json)
+    with atomic_dir(outdir, overwrite=overwrite) as tmp:
+        metrics = finish(vol, msk, solution, part_dirs, tmp, output_format=output_format)
+        metrics["timings_s"]["finish_total"] = round(time.perf_counter() - t_start, 3)
         write_json(metrics, tmp / "metrics.json")
     return metrics
 
@@ -1048,7 +960,7 @@ def run(input_path, outdir, config: RunConfig, *, resume: bool = False) -> dict:
         metrics = stage_global(work, msk, records, tmp, config=config, attrs=attrs, timings=timings)
         timings["total"] = time.perf_counter() - t_start
         metrics["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        metrics["peak_rss_mib"] = _peak_rss_mib()
+        metrics["peak_rss_mib"] = peak_rss_mib()
         metrics["input"] = os.path.abspath(vol.path)
         write_json(metrics, tmp / "metrics.json")
         from .report import build_report

@@ -29,6 +29,10 @@ def example_bindings(process: str, meta: dict, accelerator=None) -> dict:
         "N4_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr"},
         "ASSEMBLE": {"records": " ".join(f"records/{mid}.section_{i}.json" for i in range(meta["n_sections"]))},
         "N4_GLOBAL": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "sections": f"{mid}.sections.json"},
+        "APPLY_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr",
+                          "solution": f"{mid}.global.json"},
+        "FINISH": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "solution": f"{mid}.global.json",
+                   "parts": " ".join(f"parts/{mid}.part_{i}" for i in range(meta["n_sections"]))},
         "REPORT": {"results": mid, "mask": f"{mid}.mask.ome.zarr"},
     }.get(process, {})
     return {"meta": meta, "task": task, **inputs}
@@ -116,11 +120,13 @@ def _task(process: str, meta: dict, staged: dict[str, Path], extra: dict, accele
     return {"process": process, "bindings": bindings, "staged": staged}
 
 
-def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None) -> list[dict]:
+def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None, apply_order=None) -> list[dict]:
     """The workflow's tasks for one brain, in workflow order, each reading the outputs of earlier tasks.
 
-    Sections come in ``section_order`` (arrival order must not matter); their records reach ASSEMBLE
-    ordered by index, as the workflow's gather sorts them.  Task folders are ``work/NN_PROCESS``.
+    Sections come in ``section_order`` and apply tasks in ``apply_order`` (arrival order must not
+    matter); their records and parts reach ASSEMBLE and FINISH ordered by index, as the workflow's
+    gathers sort them.  The apply tasks form one ``concurrent`` group.  Task folders are
+    ``work/NN_PROCESS[_index]``.
     """
     mid, vol = meta["id"], volume.name
     tasks = []
@@ -142,6 +148,18 @@ def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None) -
     sections = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.sections.json"
     tasks.append(_task("N4_GLOBAL", meta, {vol: volume, mask.name: mask, sections.name: sections},
                        {"volume": vol, "mask": mask.name, "sections": sections.name}))
+    solution = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.global.json"
+    parts = {}
+    for i in apply_order or range(meta["n_sections"]):
+        tasks.append(_task("APPLY_SECTION", meta, {vol: volume, mask.name: mask, solution.name: solution},
+                           {"index": i, "volume": vol, "mask": mask.name, "solution": solution.name}))
+        tasks[-1]["concurrent"] = "apply"
+        parts[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.part_{i}"
+    ordered = [parts[i] for i in sorted(parts)]
+    tasks.append(_task("FINISH", meta, {vol: volume, mask.name: mask, solution.name: solution,
+                                        **{f"parts/{p.name}": p for p in ordered}},
+                       {"volume": vol, "mask": mask.name, "solution": solution.name,
+                        "parts": " ".join(f"parts/{p.name}" for p in ordered)}))
     results = folder(len(tasks) - 1, tasks[-1]) / mid
     tasks.append(_task("REPORT", meta, {mid: results, mask.name: mask}, {"results": mid, "mask": mask.name}))
     for i, t in enumerate(tasks):
@@ -149,35 +167,52 @@ def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None) -
     return tasks
 
 
-def run_workflow(project: Project, work: Path, volume: Path, meta: dict, params: dict, *, block="script",
-                 section_order=None) -> dict[str, Path]:
-    """Render every task's ``block`` (one JVM), then run the tasks in order with bash: inputs staged by
-    symlink into a fresh folder, bin/ on PATH; each must exit 0 and create its declared outputs.
+def _launch(t: dict, command: str, env: dict) -> subprocess.Popen:
+    d = t["dir"]
+    d.mkdir(parents=True)
+    for name, src in t["staged"].items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).symlink_to(Path(src).resolve())
+    (d / ".command.sh").write_text(command)
+    return subprocess.Popen(["bash", "-euo", "pipefail", ".command.sh"], cwd=d, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
-    Returns the final outputs: mask, sections record, results folder, report folder.
+
+def run_workflow(project: Project, work: Path, volume: Path, meta: dict, params: dict, *, block="script",
+                 section_order=None, apply_order=None) -> dict[str, Path]:
+    """Render every task's ``block`` (one JVM), then run the tasks in order with bash: inputs staged by
+    symlink into a fresh folder, bin/ on PATH; each must exit 0 and create its declared outputs.  The tasks
+    of one ``concurrent`` group (the apply tasks) run at the same time, as processes started together.
+
+    Returns the final outputs: mask, sections record, solution, results folder, report folder.
     """
-    tasks = plan_workflow(work, volume, meta, section_order=section_order)
+    tasks = plan_workflow(work, volume, meta, section_order=section_order, apply_order=apply_order)
     rendered = project.render([{"process": t["process"], "block": block, "bindings": t["bindings"]} for t in tasks],
                               params)
     env = dict(os.environ, PATH=f"{project.root / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
                                 f"{os.environ['PATH']}")
-    for t, out in zip(tasks, rendered):
-        if "error" in out:
-            raise TaskFailed(f"{t['process']} ({block}) cannot be rendered: {out['error']}")
-        d = t["dir"]
-        d.mkdir(parents=True)
-        for name, src in t["staged"].items():
-            (d / name).parent.mkdir(parents=True, exist_ok=True)
-            (d / name).symlink_to(Path(src).resolve())
-        (d / ".command.sh").write_text(out["command"])
-        r = subprocess.run(["bash", "-euo", "pipefail", ".command.sh"], cwd=d, env=env, capture_output=True,
-                           text=True)
-        (d / ".command.log").write_text(r.stdout + r.stderr)
-        if r.returncode:
-            raise TaskFailed(f"{t['process']} ({block}) exited {r.returncode}: {r.stderr.strip()[-1500:]}")
-        missing = [pattern for pattern in out["outputs"] if not glob.glob(str(d / pattern))]
-        if missing:
-            raise TaskFailed(f"{t['process']} ({block}) did not create its declared outputs {missing}")
+    k = 0
+    while k < len(tasks):
+        group = [k]
+        while tasks[k].get("concurrent") and group[-1] + 1 < len(tasks) and \
+                tasks[group[-1] + 1].get("concurrent") == tasks[k].get("concurrent"):
+            group.append(group[-1] + 1)
+        for i in group:
+            if "error" in rendered[i]:
+                raise TaskFailed(f"{tasks[i]['process']} ({block}) cannot be rendered: {rendered[i]['error']}")
+        running = [(i, _launch(tasks[i], rendered[i]["command"], env)) for i in group]
+        for i, proc in running:
+            out, t = proc.communicate()[0], tasks[i]
+            (t["dir"] / ".command.log").write_text(out)
+            if proc.returncode:
+                raise TaskFailed(f"{t['process']} ({block}) exited {proc.returncode}: {out.strip()[-1500:]}")
+            missing = [pattern for pattern in rendered[i]["outputs"] if not glob.glob(str(t["dir"] / pattern))]
+            if missing:
+                raise TaskFailed(f"{t['process']} ({block}) did not create its declared outputs {missing}")
+        k = group[-1] + 1
     mid = meta["id"]
-    return {"mask": tasks[0]["dir"] / f"{mid}.mask.ome.zarr", "sections": tasks[-3]["dir"] / f"{mid}.sections.json",
-            "results": tasks[-2]["dir"] / mid, "report": tasks[-1]["dir"] / f"{mid}_report"}
+    by_process = {t["process"]: t["dir"] for t in tasks}
+    return {"mask": by_process["TISSUE_MASK"] / f"{mid}.mask.ome.zarr",
+            "sections": by_process["ASSEMBLE"] / f"{mid}.sections.json",
+            "solution": by_process["N4_GLOBAL"] / f"{mid}.global.json",
+            "results": by_process["FINISH"] / mid, "report": by_process["REPORT"] / f"{mid}_report"}

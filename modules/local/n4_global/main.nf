@@ -1,6 +1,7 @@
 /*
- * N4_GLOBAL: section gains, global N4 over the re-assembled stack, then the corrected volume,
- * the bias, every fitted field and per-section metrics, written tile by tile.
+ * N4_GLOBAL: section gains and global N4 over the re-assembled stack.  Writes the solution (every
+ * section's field and gain, the global field, provenance: a few hundred kB) that the per-section
+ * APPLY_SECTION tasks and FINISH read; it writes no volume.
  * Fits on the GPU when the task was given one (task.accelerator) and the engine is octn4's (and fails,
  * naming what is missing, when that GPU is not usable), on the CPU otherwise; the device is recorded in
  * the outputs.
@@ -14,7 +15,7 @@ process N4_GLOBAL {
     tuple val(meta), path(volume), path(mask), path(sections)
 
     output:
-    tuple val(meta), path("${meta.id}"), emit: results
+    tuple val(meta), path("${meta.id}.global.json"), emit: solution
     tuple val("${task.process}"), val('octn4'), eval('octn4_global.py --version | sed "s/^octn4 //"'), emit: versions, topic: versions
 
     when:
@@ -30,13 +31,11 @@ process N4_GLOBAL {
     """
     export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
     export HOME="\$PWD" MPLCONFIGDIR="\$PWD/.mpl"
-    octn4_global.py ${volume} ${mask} ${sections} ${meta.id} --device ${device} --threads ${task.cpus} ${voxel} ${args}
+    octn4_global.py ${volume} ${mask} ${sections} ${meta.id}.global.json --device ${device} --threads ${task.cpus} ${voxel} ${args}
     """
 
     stub:
     """
-    mkdir -p ${meta.id}/corrected.ome.zarr ${meta.id}/bias.ome.zarr
-    echo '{"stub": true}' > ${meta.id}/fields.json
-    echo '{"stub": true}' > ${meta.id}/metrics.json
+    echo '{"stub": true}' > ${meta.id}.global.json
     """
 }

@@ -1,0 +1,162 @@
+"""The apply stage one part per section, and the finishing step: ownership, order, concurrency, bad parts."""
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+import octn4.io
+from octn4.apply import apply_part, finish, owned_planes, part_tiles
+from octn4.errors import InputError
+from octn4.io import CHUNKS, PartWriter, open_volume
+from octn4.pipeline import RunConfig, apply_parts, fit_section, solve_global, stage_mask
+
+pytestmark = pytest.mark.slow
+
+PLANES = (13, 9, 3, 11, 12)      # 48 planes; boundaries 13, 22, 25, 36 fall on no 8-plane chunk row
+
+
+@pytest.mark.parametrize("planes", [PLANES, (8, 8, 8), (5, 40, 3), (48,), (2, 3, 2, 41)])
+def test_every_plane_is_owned_by_exactly_one_part(planes):
+    bounds, z = [], 0
+    for n in planes:
+        bounds.append((z, z + n))
+        z += n
+    owned = [owned_planes(bounds, i, z) for i in range(len(bounds))]
+    covered = np.zeros(z, int)
+    for a, b in owned:
+        assert a % CHUNKS[0] == 0 and (b % CHUNKS[0] == 0 or b == z)
+        covered[a:b] += 1
+    assert np.all(covered == 1)
+    for (a, b), (z0, z1) in zip(owned, bounds):
+        assert a == b or z0 <= a < z1                 # a part starts inside its section (or owns nothing)
+    tiles = sorted(t for a, b in owned for t in part_tiles(a, b, 16))
+    assert [t[0] for t in tiles[1:]] == [t[1] for t in tiles[:-1]] and tiles[0][0] == 0 and tiles[-1][1] == z
+    assert all(a // 16 == (b - 1) // 16 for a, b in tiles)     # each inside one cell of the volume's tile grid
+
+
+@pytest.fixture(scope="module")
+def solved(tmp_path_factory):
+    """A 48 x 128 x 128 stack (pyramid levels exist), its mask, section records and global solution."""
+    from octn4.synth import SynthParams, synth_stack
+
+    root = tmp_path_factory.mktemp("apply")
+    synth_stack(root / "stack", SynthParams(shape=(48, 128, 128), planes=PLANES, seed=5))
+    vol = open_volume(root / "stack" / "volume.ome.zarr")
+    bounds = RunConfig(planes=PLANES).bounds(vol)
+    config = RunConfig(planes=PLANES)
+    from dataclasses import replace
+
+    config = replace(config, section_n4=replace(config.section_n4, maximum_number_of_iterations=(10, 10)),
+                     global_n4=replace(config.global_n4, maximum_number_of_iterations=(10,)))
+    stage_mask(vol, bounds, root / "mask.ome.zarr", params=config.mask, attrs={})
+    msk = open_volume(root / "mask.ome.zarr")
+    records = [fit_section(vol.path, msk.path, bounds, i, params=config.section_n4) for i in range(len(bounds))]
+    solution = solve_global(vol, msk, records, config=config, attrs={"test": True}, timings={})
+    return vol, msk, json.loads(json.dumps(solution)), root
+
+
+def _levels(store):
+    return {p.name: zarr.open_array(str(p), mode="r")[:] for p in sorted(store.glob("s*"))}
+
+
+def _finish(solved, parts, out, **kw):
+    vol, msk, solution, _ = solved
+    out.mkdir()
+    return finish(vol, msk, solution, parts, out, **kw)
+
+
+def test_parts_written_at_once_in_any_order_give_the_serial_outputs_bit_for_bit(solved, tmp_path):
+    vol, msk, solution, _ = solved
+    serial = apply_parts(vol, msk, solution, tmp_path / "serial", tile_mib=1)
+    order = list(range(len(PLANES)))
+    random.Random(1).shuffle(order)
+    both = apply_parts(vol, msk, solution, tmp_path / "both", tile_mib=1, workers=2, order=order)
+    m1 = _finish(solved, serial, tmp_path / "o1")
+    m2 = _finish(solved, list(reversed(both)), tmp_path / "o2")
+    assert [json.loads((p / "part.json").read_text())["planes"] for p in serial] == \
+        [[0, 16], [16, 24], [24, 32], [32, 40], [40, 48]]
+    for name in ("corrected.ome.zarr", "bias.ome.zarr"):
+        a, b = _levels(tmp_path / "o1" / name), _levels(tmp_path / "o2" / name)
+        assert list(a) == ["s0", "s1"]
+        for level in a:
+            np.testing.assert_array_equal(a[level], b[level])
+    assert m1["profile"] == m2["profile"] and m1["sections"] == m2["sections"]
+    # the outputs are the input over the recorded fields, and every plane was written
+    bias = _levels(tmp_path / "o1" / "bias.ome.zarr")["s0"]
+    corrected = _levels(tmp_path / "o1" / "corrected.ome.zarr")["s0"]
+    raw = vol.read(0, vol.shape[0])
+    assert np.all(bias > 0)
+    np.testing.assert_allclose(corrected * bias, raw, rtol=1e-5, atol=1e-6)
+    # the shards are links to the parts' files, not copies
+    shard = tmp_path / "o1" / "corrected.ome.zarr" / "s0" / "c" / "0" / "0" / "0"
+    assert shard.stat().st_nlink == 2 and m1["files_adopted"] == 2 * vol.shape[0] // CHUNKS[0]
+
+
+def test_where_links_fail_the_parts_are_copied(solved, tmp_path, monkeypatch):
+    vol, msk, solution, _ = solved
+    parts = apply_parts(vol, msk, solution, tmp_path / "p", tile_mib=1)
+    _finish(solved, parts, tmp_path / "linked")
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(octn4.io, "_hard_link", no_links)
+    _finish(solved, parts, tmp_path / "copied")
+    shard = tmp_path / "copied" / "bias.ome.zarr" / "s0" / "c" / "0" / "0" / "0"
+    assert shard.stat().st_nlink == 1
+    for name in ("corrected.ome.zarr", "bias.ome.zarr"):
+        a, b = _levels(tmp_path / "linked" / name), _levels(tmp_path / "copied" / name)
+        for level in a:
+            np.testing.assert_array_equal(a[level], b[level])
+
+
+def test_nifti_outputs_stream_the_parts(solved, tmp_path):
+    vol, msk, solution, _ = solved
+    parts = apply_parts(vol, msk, solution, tmp_path / "p", tile_mib=1)
+    _finish(solved, parts, tmp_path / "z")
+    _finish(solved, parts, tmp_path / "n", output_format="nifti")
+    for name in ("corrected", "bias"):
+        a = open_volume(tmp_path / "n" / f"{name}.nii.gz")
+        np.testing.assert_array_equal(a.read(0, a.shape[0]), _levels(tmp_path / "z" / f"{name}.ome.zarr")["s0"])
+
+
+def test_bad_parts_are_refused_by_name(solved, tmp_path):
+    vol, msk, solution, _ = solved
+    parts = apply_parts(vol, msk, solution, tmp_path / "p", tile_mib=1)
+    with pytest.raises(InputError, match=r"parts missing for sections \[3\]"):
+        _finish(solved, parts[:3] + parts[4:], tmp_path / "o1")
+    with pytest.raises(InputError, match="section 2's part was given twice"):
+        _finish(solved, parts + [parts[2]], tmp_path / "o2")
+    # a part holding a chunk row it does not own (a stray or planted file) is an error, not an overwrite
+    stray = tmp_path / "stray"
+    shutil.copytree(parts[1], stray)
+    src = parts[0] / "bias.zarr" / "s0" / "c" / "0"
+    shutil.copytree(src, stray / "bias.zarr" / "s0" / "c" / "0")
+    with pytest.raises(InputError, match=r"holds chunk row 0 \(planes 0\.\.8\) outside the planes 16\.\.24"):
+        _finish(solved, [parts[0], stray] + parts[2:], tmp_path / "o3")
+    # a part made for another layout
+    with pytest.raises(InputError, match="holds planes"):
+        other = json.loads(json.dumps(solution))
+        other["sections"][0]["z_stop"] = other["sections"][1]["z_start"] = 18
+        finish(vol, msk, other, parts, tmp_path)
+    with pytest.raises(InputError, match="not an octn4 output part"):
+        _finish(solved, parts[:4] + [tmp_path / "p"], tmp_path / "o4")
+    with pytest.raises(InputError, match="out of range"):
+        apply_part(vol, msk, solution, 9, tmp_path / "p9", tile_planes=8)
+    for d in ("o1", "o2", "o3", "o4"):              # nothing was published
+        assert not (tmp_path / d / "corrected.ome.zarr").exists()
+
+
+def test_a_part_writes_only_its_own_rows(tmp_path):
+    with pytest.raises(ValueError, match="whole chunk rows"):
+        PartWriter(tmp_path / "a.zarr", (20, 16, 16), owned=(3, 8), chunks=(8, 16, 16))
+    with PartWriter(tmp_path / "b.zarr", (20, 16, 16), owned=(8, 20), chunks=(8, 16, 16)) as w:
+        w.write(8, np.ones((12, 16, 16), np.float32))
+        with pytest.raises(ValueError, match="outside this part"):
+            w.write(0, np.ones((8, 16, 16), np.float32))
+        w.commit()
+    assert sorted(p.name for p in (tmp_path / "b.zarr" / "s0" / "c").iterdir()) == ["1", "2"]
