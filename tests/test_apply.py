@@ -160,3 +160,16 @@ def test_a_part_writes_only_its_own_rows(tmp_path):
             w.write(0, np.ones((8, 16, 16), np.float32))
         w.commit()
     assert sorted(p.name for p in (tmp_path / "b.zarr" / "s0" / "c").iterdir()) == ["1", "2"]
+
+
+def test_a_file_that_is_not_a_solution_is_refused_by_name(tmp_path):
+    from octn4.apply import read_solution
+
+    bad = tmp_path / "g.json"
+    bad.write_text('{"sections": []}')
+    with pytest.raises(InputError, match=r"not an octn4 global solution \(no global, shape\)") as err:
+        read_solution(bad)
+    assert str(bad) in str(err.value)
+    bad.write_text("{")
+    with pytest.raises(InputError, match="not an octn4 global solution"):
+        read_solution(bad)

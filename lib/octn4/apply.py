@@ -105,9 +105,11 @@ def read_solution(path) -> dict:
     """The global stage's solution (``global.json``), checked for what the apply needs."""
     try:
         sol = json.loads(Path(path).read_text())
-        sol["sections"], sol["global"], sol["shape"]   # noqa: B018 (presence)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise InputError(f"not an octn4 global solution ({exc})", path) from None
+    missing = [k for k in ("sections", "global", "shape") if not isinstance(sol, dict) or k not in sol]
+    if missing:
+        raise InputError(f"not an octn4 global solution (no {', '.join(missing)})", path)
     return sol
 
 
