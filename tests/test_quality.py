@@ -184,6 +184,46 @@ def test_fits_record_the_levels_the_rule_left():
     assert fit.summary()["final_control_points"] == [5, 5, 5]
 
 
+# --------------------------------------------------------------------------- the field-form oracle
+
+
+def _field_bounds():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import field_bounds
+
+    return field_bounds
+
+
+def test_the_field_oracle_is_exact_on_octn4s_form_and_not_on_tissue_dependent_attenuation():
+    """benchmarks/field_bounds.py's oracle: a section lattice plus any depth profile is fitted exactly over the
+    tissue; an attenuation that changes with the tissue class along each A-line is not (what it leaves there is
+    the part of the bias no estimate of octn4's form can follow)."""
+    oracle = _field_bounds().oracle_log_field
+    shape = (16, 40, 40)
+    maps = tuple(axis_map(n, 2, shrink=s) for n, s in zip(shape, (1, 4, 4)))
+    rng = np.random.default_rng(7)
+    fld = BSplineField(rng.normal(0, 0.2, (5, 5, 5)), 3, shape, maps)
+    z = np.arange(shape[0])
+    profile = -0.08 * z + 0.5 / (1 + ((z - 6) / 3.0) ** 2)                # attenuation times a confocal gate
+    tissue = np.zeros(shape, bool)
+    tissue[:, 5:35, 8:38] = True
+    tissue[:, 15:22, 15:22] = False                                         # a hole: the fit sees tissue only
+    log_truth = fld.evaluate().astype(np.float64) + profile[:, None, None]
+    fit = oracle(log_truth, tissue, fld.to_dict()["maps"])
+    assert np.abs(fit - log_truth)[tissue].max() < 1e-4
+    assert not fit[~tissue].any()
+    white = np.zeros(shape, bool)
+    white[:, 5:35, 20:38] = True                                            # white matter attenuates 2.5 x grey
+    k = np.where(white, 2.5, 1.0) * 0.05
+    dependent = -k * z[:, None, None]
+    fit = oracle(dependent, tissue, fld.to_dict()["maps"])
+    residual = np.sqrt(np.mean((fit - dependent)[tissue] ** 2))
+    assert residual > 0.05
+
+
 # --------------------------------------------------------------------------- depth line
 
 
