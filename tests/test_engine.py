@@ -200,9 +200,14 @@ def test_a_batch_gives_each_member_its_own_fit(exp):
     singles = [fit_lattice(exp.asarray(v), exp.asarray(m), m0=(4, 4, 4), levels_iterations=its)
                for v, m in ((a, ma), (b, mb))]
     assert batch[0].iterations != batch[1].iterations
+    # A batch pads its members' voxel rows to one length, so a reduction over a row may group its terms
+    # differently from the single fit; whether that changes the rounding depends on the CPU's vector
+    # kernels (bit-identical with AVX-512, ~1e-7 apart without it). Agreement is therefore to rounding
+    # of the float32 data, far below the members' own difference.
+    assert np.abs(singles[0].coeffs[:5] - singles[1].coeffs[:5]).max() > 1e-2
     for got, want in zip(batch, singles):
         assert got.iterations == want.iterations
-        np.testing.assert_allclose(got.coeffs, want.coeffs, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.coeffs, want.coeffs, rtol=0, atol=1e-6)
 
 
 def test_engine_refuses_empty_masks():
