@@ -174,6 +174,33 @@ def test_control_point_rule_keeps_the_lattice_within_the_fit_grid():
         N4Params(fit_voxels_per_control_point=0)
 
 
+def test_a_fit_grid_sized_by_the_lattice_does_not_grow_with_the_plane():
+    """fit_voxels_per_span raises the shrink factor so each axis keeps at most N fit voxels per final span: the
+    fit grid of a 2 048^2 plane is the size of a 128^2 one's (same lattice); small planes are left alone."""
+    from dataclasses import replace
+
+    p = N4Params(maximum_number_of_iterations=(9, 9), control_point_rule="fit-grid", fit_voxels_per_control_point=2,
+                 fit_voxels_per_span=16)
+    vox = (0.005, 0.01, 0.01)            # planes of 1.28-20 mm: 4 level-0 control points, 2 final spans per axis
+    for n, shrink, kept in ((2048, 64, 32), (1000, 32, 31), (128, 4, 32), (96, 4, 24)):
+        assert shrink_factors((16, n, n), vox, p)[1:] == (shrink, shrink)
+        assert n // shrink == kept
+    assert shrink_factors((16, 2048, 2048), vox, replace(p, fit_voxels_per_span=0)) == (1, 4, 4)
+    # Z: 16 planes over 2 spans are within 16 per span; 80 are shrunk to 32 or fewer, never below 2 x 5 planes
+    assert shrink_factors((16, 128, 128), vox, p)[0] == 1
+    z1 = replace(p, shrink_factor=(1, 4, 4))
+    assert shrink_factors((80, 128, 128), vox, z1)[0] == 3
+    assert shrink_factors((80, 128, 128), vox, replace(z1, fit_voxels_per_span=2))[0] == 8
+    with pytest.raises(ValueError, match="fit_voxels_per_span"):
+        N4Params(fit_voxels_per_span=1)
+    # the section default (32 per span) leaves a 128^2 plane's fit grid as it was and caps a 1024^2 one's
+    from octn4.defaults import SECTION_N4
+    off = replace(SECTION_N4, fit_voxels_per_span=0)
+    assert shrink_factors((8, 128, 128), vox, SECTION_N4) == shrink_factors((8, 128, 128), vox, off)
+    assert shrink_factors((8, 1024, 1024), vox, off)[1:] == (4, 4)
+    assert shrink_factors((8, 1024, 1024), vox, SECTION_N4)[1:] == (16, 16)
+
+
 def test_fits_record_the_levels_the_rule_left():
     rng = np.random.default_rng(2)
     img = rng.uniform(0.8, 1.2, (6, 32, 32)).astype(np.float32)

@@ -129,6 +129,10 @@ def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, title="N4") -> 
     g.add_argument(f"--{prefix}fit-voxels-per-control-point", type=int, default=d.fit_voxels_per_control_point,
                    metavar="K", help="with the fit-grid rule, lower an axis's shrink factor until its fit grid has K "
                                      f"voxels per final control point (default {d.fit_voxels_per_control_point})")
+    g.add_argument(f"--{prefix}fit-voxels-per-span", type=int, default=d.fit_voxels_per_span, metavar="N",
+                   help="raise an axis's shrink factor until its fit grid has at most N voxels per span of the final "
+                        "lattice, so the fit's cost does not grow with the plane size (0: off; "
+                        f"default {d.fit_voxels_per_span})")
     g.add_argument(f"--{prefix}depth-line", action=argparse.BooleanOptionalAction, default=d.depth_line,
                    help="divide out each fit's depth attenuation (a robust line of log median intensity "
                         f"against Z) before N4 and add it to the field (default {'on' if d.depth_line else 'off'})")
@@ -157,6 +161,7 @@ def n4_params(a, prefix: str = "") -> N4Params:
                     shrink_mode=getattr(a, f"{k}shrink_mode"),
                     control_point_rule=getattr(a, f"{k}control_point_rule"),
                     fit_voxels_per_control_point=getattr(a, f"{k}fit_voxels_per_control_point"),
+                    fit_voxels_per_span=getattr(a, f"{k}fit_voxels_per_span"),
                     depth_line=getattr(a, f"{k}depth_line"),
                     **({} if prefix else dict(depth_model=a.depth_model, depth_spans=a.depth_spans,
                                               depth_prior=a.depth_prior)),

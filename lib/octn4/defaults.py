@@ -22,10 +22,11 @@ MASK = MaskParams(method="depth")
 #: N4 per section: the depth model (a stack-wide depth curve plus per-section deviations, octn4.depth)
 #: divided out first, two levels of 100 iterations (the iteration count, not the CV test, ends each level),
 #: tissue block means, and a lattice kept within the fit grid with at least two fit voxels per control point
-#: along each axis (a thin section's Z axis is shrunk less).
+#: along each axis (a thin section's Z axis is shrunk less); at most 32 fit voxels per lattice span, so wide
+#: planes are shrunk more and a section fit costs the same whatever the plane size.
 SECTION_N4 = N4Params(maximum_number_of_iterations=(100, 100), convergence_threshold=1e-5,
                       shrink_mode="mean", control_point_rule="fit-grid", fit_voxels_per_control_point=2,
-                      depth_model="curve")
+                      fit_voxels_per_span=32, depth_model="curve")
 
 #: Global N4 over the re-assembled stack: one level (a single B-spline span per axis at the reference
 #: spacing), for drift across the stack, on a fit grid of about 1.5 M voxels.

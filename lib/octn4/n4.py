@@ -116,6 +116,12 @@ class N4Params:
         With the 'fit-grid' rule, how many fit voxels per final control point
         an axis keeps where it has them (1: the lattice may interpolate its
         data; more: it is a least-squares fit along that axis too).
+    fit_voxels_per_span : int
+        0 (the reference): the shrink factor alone sizes the fit grid.  Else
+        each axis's shrink factor is raised until the fit grid has at most
+        this many voxels per span of the final lattice along it, so the fit
+        grid is sized by the lattice and a fit's cost no longer grows with
+        the plane size (:func:`shrink_factors`).
     depth_line : bool
         Start from the section's depth attenuation: a robust straight line
         through the fit planes' median log tissue intensity against Z
@@ -151,6 +157,7 @@ class N4Params:
     shrink_mode: str = "subsample"
     control_point_rule: str = "reference"
     fit_voxels_per_control_point: int = 1
+    fit_voxels_per_span: int = 0
     depth_line: bool = False
     depth_model: str = "none"
     depth_spans: int = 0
@@ -195,6 +202,9 @@ class N4Params:
         if int(self.fit_voxels_per_control_point) < 1:
             raise InputError(f"fit_voxels_per_control_point must be >= 1; got {self.fit_voxels_per_control_point}")
         object.__setattr__(self, "fit_voxels_per_control_point", int(self.fit_voxels_per_control_point))
+        if int(self.fit_voxels_per_span) < 0 or 0 < int(self.fit_voxels_per_span) < 2:
+            raise InputError(f"fit_voxels_per_span must be 0 (off) or >= 2; got {self.fit_voxels_per_span}")
+        object.__setattr__(self, "fit_voxels_per_span", int(self.fit_voxels_per_span))
 
     @property
     def levels(self) -> int:
@@ -285,7 +295,9 @@ def _add_depth_line(fit: FitResult, slope, z_centre: float, voxel_dz: float) -> 
 def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
     """Per-axis shrink factors for a volume of ``shape``.
 
-    Capped so each axis keeps 2 fit voxels ('reference' rule) or
+    With ``fit_voxels_per_span``, each axis's factor is first raised until
+    the axis keeps at most that many fit voxels per span of the final
+    lattice.  Capped so each axis keeps 2 fit voxels ('reference' rule) or
     ``fit_voxels_per_control_point`` times as many as the final lattice has
     control points ('fit-grid' rule), where the axis has that many voxels.
     """
@@ -301,6 +313,10 @@ def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
             # coarsen the axis whose shrunk voxel is physically smallest
             d = min((i for i in range(3) if shape[i] // s[i] > 2), key=lambda i: s[i] * voxel_size[i])
             s[d] += 1
+    if params.fit_voxels_per_span:
+        final = final_control_points(control_points(shape, voxel_size, params), params)
+        p = params.spline_order
+        s = [max(k, -(-n // (params.fit_voxels_per_span * (c - p)))) for k, n, c in zip(s, shape, final)]
     if params.control_point_rule == "fit-grid":
         # each axis keeps K fit voxels per final control point (when it has them)
         keep = [c * params.fit_voxels_per_control_point

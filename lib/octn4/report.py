@@ -271,9 +271,12 @@ def _facts_table(metrics) -> str:
 
 def _shrink_modes(params) -> str:
     sec, glo = params.get("section_n4") or {}, params.get("global_n4") or {}
-    return (f"per section: {sec.get('shrink_mode', 'subsample')}, shrink asked {sec.get('shrink_factor')}; "
-            f"global: {glo.get('shrink_mode', 'subsample')}, shrink asked {glo.get('shrink_factor') or 'auto'} "
-            "(shrink used: per section below, global in the global fit row)")
+    def cap(d):
+        return f", at most {d['fit_voxels_per_span']} fit voxels per span" if d.get("fit_voxels_per_span") else ""
+
+    return (f"per section: {sec.get('shrink_mode', 'subsample')}, shrink asked {sec.get('shrink_factor')}{cap(sec)}; "
+            f"global: {glo.get('shrink_mode', 'subsample')}, shrink asked {glo.get('shrink_factor') or 'auto'}"
+            f"{cap(glo)} (shrink used: per section below, global in the global fit row)")
 
 
 def _control_rule(params) -> str:
