@@ -134,6 +134,24 @@ def test_plane_thresholds_in_one_batch_equal_the_plane_by_plane_ones():
     want = np.array([_log_plane_threshold(p, params) for p in planes])
     np.testing.assert_array_equal(got, want)
     assert np.isnan(got[[1, 3]]).all() and got[2] == pytest.approx(np.log(2.5))
+    # the host path (plane by plane, positive voxels only) and the batched array-API one agree to the bit
+    import array_api_strict as xs
+
+    for p in (params, MaskParams(min_voxels=0)):
+        np.testing.assert_array_equal(_log_plane_thresholds(planes, p),
+                                      np.asarray(_log_plane_thresholds(xs.asarray(planes), p)))
+
+
+def test_smoothing_a_slab_of_planes_equals_gaussian_filter_sliced():
+    """The Z pass over the block, then Y and X on the kept planes only: gaussian_filter's bits."""
+    from octn4.mask import _smooth
+
+    v = np.random.default_rng(6).gamma(2.0, 1.0, (20, 33, 41)).astype(np.float32)
+    for p in (MaskParams(), MaskParams(smoothing_sigma_z=0.0), MaskParams(smoothing_sigma=0.0, smoothing_sigma_z=1.5)):
+        full = ndi.gaussian_filter(v, (p.smoothing_sigma_z, p.smoothing_sigma, p.smoothing_sigma), mode="reflect",
+                                   truncate=4.0)
+        np.testing.assert_array_equal(_smooth(v, p), full)
+        np.testing.assert_array_equal(_smooth(v, p, keep=(4, 13)), full[4:13])
 
 
 def test_hole_filling_of_a_slab_in_one_labelling_equals_plane_by_plane():

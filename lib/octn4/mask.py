@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from array_api_compat import is_numpy_array
 
 from ._backend import array_namespace, ndimage_for, segment_sum, to_numpy
 from .errors import InputError
@@ -128,14 +129,31 @@ def otsu_threshold(values, nbins: int = 256) -> float:
     return _otsu_from_histogram(_histogram(v, lo, hi, nbins), lo, hi)
 
 
-def _smooth(volume, params: MaskParams):
+def _smooth(volume, params: MaskParams, keep: tuple[int, int] | None = None):
+    """The Gaussian smoothing of ``volume`` (float32), of its planes ``keep = (a, b)`` only.
+
+    The separable passes of ``gaussian_filter`` one axis at a time, Z first:
+    the planes that are only the Z pass's halo are dropped before the Y and
+    X passes, which work on each plane alone, so a plane's result is the
+    same bit for bit whatever block it was smoothed in.
+    """
     ndi = ndimage_for(volume)
     xp = array_namespace(volume)
-    v = xp.astype(volume, xp.float32)
-    sig = (params.smoothing_sigma_z, params.smoothing_sigma, params.smoothing_sigma)
-    if not any(sig):
+    a, b = keep if keep is not None else (0, volume.shape[0])
+    v = xp.astype(volume, xp.float32, copy=False)
+    if params.smoothing_sigma_z > 1e-15:
+        v = ndi.gaussian_filter1d(v, params.smoothing_sigma_z, axis=0, mode="reflect", truncate=4.0)
+    return _smooth_in_plane(v[a:b], params.smoothing_sigma)
+
+
+def _smooth_in_plane(v, sigma: float):
+    """``gaussian_filter(v, (0, sigma, sigma))``: the Y pass, then the X pass (the same bits)."""
+    if not sigma > 1e-15:
         return v
-    return ndi.gaussian_filter(v, sigma=sig, mode="reflect", truncate=4.0)
+    ndi = ndimage_for(v)
+    for axis in (1, 2):
+        v = ndi.gaussian_filter1d(v, sigma, axis=axis, mode="reflect", truncate=4.0)
+    return v
 
 
 def above_in_plane(planes: np.ndarray, thresholds, sigma: float) -> np.ndarray:
@@ -146,11 +164,7 @@ def above_in_plane(planes: np.ndarray, thresholds, sigma: float) -> np.ndarray:
     agarose a closing brings in; the rim of about a pixel that the in-plane
     smoothing spreads into the agarose is eroded away.
     """
-    from scipy import ndimage as ndi
-
-    v = np.asarray(planes, np.float32)
-    if sigma:
-        v = ndi.gaussian_filter(v, sigma=(0, sigma, sigma), mode="reflect", truncate=4.0)
+    v = _smooth_in_plane(np.asarray(planes, np.float32), sigma)
     above = v > np.asarray(thresholds, np.float32)[:, None, None]
     # the smoothing carries tissue about a pixel into the agarose beside it: keep what is a pixel inside (an
     # erosion by the in-plane cross, border 1: the intersection of its two 3-voxel lines)
@@ -317,7 +331,7 @@ def _smoothed_slabs(volume_reader, z0: int, z1: int, params: MaskParams, xp, sla
     for c0 in range(z0, z1, slab):
         c1 = min(z1, c0 + slab)
         r0, r1 = max(0, c0 - g), min(depth, c1 + g)
-        yield c0, _smooth(xp.asarray(volume_reader.read(r0, r1)), params)[c0 - r0:c1 - r0]
+        yield c0, _smooth(xp.asarray(volume_reader.read(r0, r1)), params, keep=(c0 - r0, c1 - r0))
 
 
 def section_thresholds(volume_reader, bounds, *, params: MaskParams = MaskParams(), xp=np,
@@ -367,6 +381,8 @@ def _log_plane_thresholds(smoothed, params: MaskParams, nbins: int = 256) -> np.
     criterion cumulative sums along the bins.  The host reads the slab's
     results once (k numbers), not a few times per plane.
     """
+    if is_numpy_array(smoothed):
+        return _log_plane_thresholds_host(smoothed, params, nbins)
     xp = array_namespace(smoothed)
     k = smoothed.shape[0]
     pos = xp.reshape(smoothed > 0, (k, -1))
@@ -386,6 +402,32 @@ def _log_plane_thresholds(smoothed, params: MaskParams, nbins: int = 256) -> np.
                                                          xp.astype(spread, xp.float64)]))   # the one host read
     out = np.where(spread_h > 0, best_h, lo_h)
     out[count_h < params.min_voxels] = math.nan
+    return out
+
+
+def _log_plane_thresholds_host(smoothed: np.ndarray, params: MaskParams, nbins: int = 256) -> np.ndarray:
+    """:func:`_log_plane_thresholds` on the host, plane by plane on each plane's positive voxels only (the
+    same values, bins and counts, so the same thresholds to the last bit), without full-plane temporaries."""
+    k = smoothed.shape[0]
+    hist = np.zeros((k, nbins))
+    lo, width = np.zeros(k), np.ones(k)
+    low = np.full(k, math.inf)                 # a plane's lowest log value (+inf without positive voxels)
+    spread = np.zeros(k, bool)
+    count = np.zeros(k, np.int64)
+    for i in range(k):
+        pos = smoothed[i][smoothed[i] > 0]
+        count[i] = pos.size
+        if pos.size == 0:
+            continue
+        logv = np.log(pos.astype(np.float64))
+        a, b = logv.min(), logv.max()
+        low[i] = a
+        if b > a:
+            spread[i], lo[i], width[i] = True, a, (b - a) / nbins
+            idx = np.clip(np.floor((logv - lo[i]) / width[i]).astype(np.int64), 0, nbins - 1)
+            hist[i] = np.bincount(idx, minlength=nbins)
+    out = np.where(spread, _otsu_rows(hist, lo, width), low)
+    out[count < params.min_voxels] = math.nan
     return out
 
 
@@ -472,7 +514,7 @@ def write_section_mask(volume_reader, bounds, i: int, thr_of_plane, writer, *, p
         m0, m1 = max(0, c0 - 2 * k), min(depth, c1 + 2 * k)     # binary planes needed
         r0, r1 = max(0, m0 - g), min(depth, m1 + g)             # raw planes needed
         raw = volume_reader.read(r0, r1)
-        sm = _smooth(xp.asarray(raw), params)[m0 - r0:m1 - r0]
+        sm = _smooth(xp.asarray(raw), params, keep=(m0 - r0, m1 - r0))
         m = _planewise(sm > xp.asarray(thr_of_plane[m0:m1])[:, None, None], params)
         if multi:
             m = _z_closing(m, params)
