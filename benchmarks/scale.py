@@ -23,11 +23,14 @@ In one run, on one stack (``--stack``, e.g. a 4 GiB ``octn4 synth --shape
    task's reads, finish) are scaled by voxels and the section count by
    depth at the same section thickness.  A model, not a measurement: it
    ignores queueing, staging and file-system contention.
+4. With ``--truth`` (the stack's ``octn4 synth`` folder), the run's
+   log-bias error against the known bias, streamed at a pyramid level
+   that keeps every plane (``--truth-level``, default 1).
 
 Usage::
 
     python benchmarks/scale.py --stack /work/big/stack/volume.ome.zarr --work /work/big/scale \\
-        --from-run /work/big/out_main --cores 2
+        --from-run /work/big/out_main --cores 2 --truth /work/big/stack
 """
 
 from __future__ import annotations
@@ -86,6 +89,37 @@ def run_octn4(stack: Path, out: Path, extra: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def streamed_error(run: Path, stack: Path, level: int = 1) -> dict:
+    """``accuracy_synth.py``'s log-bias error of a run against ``octn4 synth``'s truth, streamed in 16-plane
+    slabs at pyramid ``level`` (tissue from the labels; the mean log error removed): total, between-section
+    RMS and the worst section's RMS."""
+    import zarr
+
+    meta = json.loads((stack / "synth.json").read_text())
+    bounds = [tuple(b) for b in meta["sections"]]
+
+    def level_of(p):
+        return zarr.open_group(str(p), mode="r")[f"s{level}"]
+
+    truth, labels, est = (level_of(stack / "truth_bias.ome.zarr"), level_of(stack / "labels.ome.zarr"),
+                          level_of(run / "bias.ome.zarr"))
+    if not truth.shape[0] == labels.shape[0] == est.shape[0] == sum(b - a for a, b in bounds):
+        raise SystemExit(f"level {level} halves Z; use a level that keeps every plane")
+    s, q, n = (np.zeros(len(bounds)) for _ in range(3))
+    for i, (a, b) in enumerate(bounds):
+        for z0 in range(a, b, 16):
+            z1 = min(b, z0 + 16)
+            t = np.asarray(labels[z0:z1]) > 0
+            e = (np.log(np.asarray(est[z0:z1], np.float64)) - np.log(np.asarray(truth[z0:z1], np.float64)))[t]
+            s[i], q[i], n[i] = s[i] + e.sum(), q[i] + (e ** 2).sum(), n[i] + e.size
+    ok = n > 0
+    mean = s.sum() / n.sum()
+    mu = s[ok] / n[ok] - mean
+    return {"level": level, "err": float(np.sqrt(q.sum() / n.sum() - mean ** 2)),
+            "between": float(np.sqrt((n[ok] * mu ** 2).sum() / n.sum())),
+            "worst": float(np.sqrt((q[ok] / n[ok] - 2 * mean * s[ok] / n[ok] + mean ** 2).max()))}
+
+
 def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0) -> float:
     """Critical path of the DAG on ``nodes`` nodes of ``cores`` cores (see the module's docstring)."""
     t = metrics["timings_s"]
@@ -106,6 +140,8 @@ def main(argv=None):
     p.add_argument("--from-run", type=Path, help="a finished octn4 run folder (else octn4 run is run here)")
     p.add_argument("--cores", type=int, default=2, help="cores the run used (its --workers)")
     p.add_argument("--sections", type=int, default=8)
+    p.add_argument("--truth", type=Path, help="the octn4 synth folder of --stack: also the run's log-bias error")
+    p.add_argument("--truth-level", type=int, default=1, help="pyramid level the error is taken at (default 1)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     floor = io_floor(a.stack, a.work / "floor")
@@ -128,9 +164,14 @@ def main(argv=None):
                      "brain_1tb_h": predict(metrics, a.cores, nodes, brain) / 3600})
         print(f"  predicted on {nodes:>2} node(s) of {a.cores} cores: this stack {rows[-1]['this_stack_s']:8.1f} s, "
               f"a 1 TB brain {rows[-1]['brain_1tb_h']:8.1f} h", flush=True)
+    error = None
+    if a.truth:
+        error = streamed_error(a.from_run or a.work / "run", a.truth, a.truth_level)
+        print(f"  log-bias error against the truth at level {error['level']}: {error['err']:.4f} "
+              f"(between sections {error['between']:.4f}, worst section {error['worst']:.4f})")
     if a.json:
         a.json.write_text(json.dumps({"floor": floor, "timings_s": t, "peak_rss_mib": metrics.get("peak_rss_mib"),
-                                      "cores": a.cores, "prediction": rows}, indent=1))
+                                      "cores": a.cores, "prediction": rows, "error": error}, indent=1))
 
 
 if __name__ == "__main__":

@@ -300,12 +300,22 @@ def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, 
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import accuracy_synth
     import scale
 
     out = tmp_path / "scale.json"
     scale.main(["--stack", str(demo_stack / "volume.ome.zarr"), "--work", str(tmp_path / "w"), "--from-run",
-                str(result), "--cores", "2", "--json", str(out)])
+                str(result), "--cores", "2", "--json", str(out), "--truth", str(demo_stack), "--truth-level", "0"])
     res = json.loads(out.read_text())
+    # the streamed error is accuracy_synth's in-memory one
+    truth = open_volume(demo_stack / "truth_bias.ome.zarr")
+    tissue = open_volume(demo_stack / "labels.ome.zarr").read(0, 96) > 0
+    bounds = [tuple(b) for b in json.loads((demo_stack / "synth.json").read_text())["sections"]]
+    total, between, _, worst = accuracy_synth.error_parts(open_volume(result / "bias.ome.zarr").read(0, 96),
+                                                          truth.read(0, 96), tissue, bounds)
+    assert res["error"]["err"] == pytest.approx(total, rel=1e-6) and 0 < total < 0.2
+    assert res["error"]["between"] == pytest.approx(between, rel=1e-6, abs=1e-9)
+    assert res["error"]["worst"] == pytest.approx(worst, rel=1e-6)
     assert res["floor"]["floor_s"] > 0 and res["floor"]["shape"] == [96, 192, 192]
     assert not any((tmp_path / "w" / "floor").iterdir())
     one, eight, many = (r["this_stack_s"] for r in res["prediction"])
