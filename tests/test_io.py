@@ -204,3 +204,19 @@ def test_pyramid_from_blocks_in_memory_equals_the_pyramid_rebuilt_from_level_0(t
     for a, b in zip(levels["in"], levels["out"]):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(levels["in"][0], data)
+
+
+def test_pyramid_means_equal_numpys_float64_mean():
+    """The member-by-member float64 sum of a level's groups is numpy's mean over the group axes, bit for bit."""
+    from octn4.io import _downsample
+
+    rng = np.random.default_rng(8)
+    block = rng.gamma(1.0, 2.0, (9, 37, 50)).astype(np.float32)
+    block[rng.random(block.shape) < 0.2] = 0
+    for f in ((1, 2, 2), (2, 2, 2), (2, 1, 2)):
+        z, y, x = (s // k * k for s, k in zip(block.shape, f))
+        want = block[:z, :y, :x].reshape(z // f[0], f[0], y // f[1], f[1], x // f[2], f[2]).mean(
+            axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+        got = _downsample(block, f, "mean")
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
