@@ -134,8 +134,8 @@ def _smooth(volume, params: MaskParams, keep: tuple[int, int] | None = None):
 
     The separable passes of ``gaussian_filter`` one axis at a time, Z first:
     the planes that are only the Z pass's halo are dropped before the Y and
-    X passes, which work on each plane alone, so a plane's result is the
-    same bit for bit whatever block it was smoothed in.
+    X passes, which work on each plane alone, so a plane read with its Z
+    halo gets the same bits whatever block it was smoothed in.
     """
     ndi = ndimage_for(volume)
     xp = array_namespace(volume)

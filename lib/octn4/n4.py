@@ -313,14 +313,13 @@ def shrink_factors(shape, voxel_size, params: N4Params) -> tuple[int, int, int]:
             # coarsen the axis whose shrunk voxel is physically smallest
             d = min((i for i in range(3) if shape[i] // s[i] > 2), key=lambda i: s[i] * voxel_size[i])
             s[d] += 1
+    final = final_control_points(control_points(shape, voxel_size, params), params)
     if params.fit_voxels_per_span:
-        final = final_control_points(control_points(shape, voxel_size, params), params)
-        p = params.spline_order
-        s = [max(k, -(-n // (params.fit_voxels_per_span * (c - p)))) for k, n, c in zip(s, shape, final)]
+        spans = [c - params.spline_order for c in final]
+        s = [max(k, -(-n // (params.fit_voxels_per_span * m))) for k, n, m in zip(s, shape, spans)]
     if params.control_point_rule == "fit-grid":
         # each axis keeps K fit voxels per final control point (when it has them)
-        keep = [c * params.fit_voxels_per_control_point
-                for c in final_control_points(control_points(shape, voxel_size, params), params)]
+        keep = [c * params.fit_voxels_per_control_point for c in final]
     else:
         keep = (2, 2, 2)
     return tuple(max(1, min(k, n // min(n, c))) for k, n, c in zip(s, shape, keep))
