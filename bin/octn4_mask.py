@@ -24,12 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    vol = pipeline.open_input(a.input, voxel_size=a.voxel_size, check_log_scale=not a.skip_log_scale_check)
+    if a.workers < 1:
+        raise cli.InputError(f"--workers must be >= 1; got {a.workers}")
+    vol = pipeline.open_input(a.input, voxel_size=a.voxel_size, check_log_scale=not a.skip_log_scale_check,
+                              workers=a.workers)
     bounds = pipeline.volume_sections(vol, n_sections=a.sections, planes=a.planes)
     params = cli.mask_params(a)
     attrs = pipeline.provenance("mask", vol, {"mask": params.as_dict(), "sections": [list(b) for b in bounds]})
-    if a.workers < 1:
-        raise cli.InputError(f"--workers must be >= 1; got {a.workers}")
     pipeline.stage_mask(vol, bounds, a.out, params=params, attrs=attrs, overwrite=a.overwrite, workers=a.workers)
 
 

@@ -220,3 +220,32 @@ def test_pyramid_means_equal_numpys_float64_mean():
         got = _downsample(block, f, "mean")
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, want)
+
+
+def test_crc32_combine_equals_the_crc_of_the_concatenation():
+    import zlib
+
+    from octn4.io import crc32_combine
+
+    rng = np.random.default_rng(4)
+    for la, lb in [(0, 0), (1, 0), (0, 5), (3, 1), (100, 4096), (7, 100_003)]:
+        a, b = rng.bytes(la), rng.bytes(lb)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), lb) == zlib.crc32(a + b)
+    start = zlib.crc32(b"(4, 5, 6)")          # chained from a start value, as scan_volume's digest is
+    a, b = rng.bytes(1000), rng.bytes(333)
+    assert crc32_combine(crc32_combine(start, zlib.crc32(a), 1000), zlib.crc32(b), 333) == zlib.crc32(a + b, start)
+
+
+def test_volume_scanned_in_parallel_equals_one_process(small_stack):
+    """Runs of slabs scanned by worker processes give the one-process result, digest included (the CRC-32 of
+    the shape and every value), whatever the split."""
+    import zlib
+
+    from octn4.io import scan_volume
+
+    vol = open_volume(small_stack / "volume.ome.zarr")
+    one = scan_volume(vol, slab=16)
+    assert scan_volume(vol, slab=16, workers=2) == one
+    data = np.ascontiguousarray(vol.read(0, vol.shape[0]))
+    assert one.digest == f"crc32:{zlib.crc32(data, zlib.crc32(repr(tuple(vol.shape)).encode())):08x}"
+    assert one.n_positive == int((data > 0).sum()) and one.maximum == float(data.max())

@@ -17,13 +17,16 @@ import os
 import shutil
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, WorkerKilled
 
 __all__ = [
     "Volume",
@@ -342,33 +345,106 @@ class ScanResult:
     digest: str = ""       # CRC-32 of every value as float32, with the shape: what the volume holds
 
 
-def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000) -> ScanResult:
-    """Stream the volume once and gather the facts :func:`validate_scan` needs."""
-    z_total = vol.shape[0]
-    vmin, vmax = np.inf, -np.inf
-    nonfinite = negative = positive = 0
-    per_slab = max(1000, sample * slab // max(z_total, 1))
-    rng = np.random.default_rng(0)
-    picks = []
-    crc = zlib.crc32(repr(tuple(vol.shape)).encode())
-    for z0 in range(0, z_total, slab):
-        a = vol.read(z0, z0 + slab)
-        crc = zlib.crc32(np.ascontiguousarray(a), crc)
+def _crc32_mul(a: int, b: int) -> int:
+    """``a(x) * b(x)`` modulo CRC-32's polynomial, in its bit-reflected form (bit 31 is x^0)."""
+    prod, m = 0, 1 << 31
+    while a:
+        if a & m:
+            prod ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+    return prod
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (bytes), as zlib's
+    ``crc32_combine`` gives: ``crc32(A)`` times ``x^(8 len_b)``, plus ``crc32(B)``, modulo the polynomial
+    (the pre- and post-inversions cancel).  Lets parts of a volume be digested in parallel."""
+    power, square = 1 << 31, 1 << 23                    # x^0; x^8 (one byte)
+    n = len_b
+    while n:
+        if n & 1:
+            power = _crc32_mul(square, power)
+        square = _crc32_mul(square, square)
+        n >>= 1
+    return _crc32_mul(crc_a, power) ^ crc_b
+
+
+@dataclass
+class _ScanPart:
+    """What one run of planes contributes to a :class:`ScanResult`."""
+
+    crc: int = 0
+    nbytes: int = 0
+    minimum: float = math.inf
+    maximum: float = -math.inf
+    nonfinite: int = 0
+    negative: int = 0
+    positive: int = 0
+    picks: list = None
+
+
+def _scan_planes(vol: Volume, z0: int, z1: int, slab: int, per_slab: int) -> _ScanPart:
+    part = _ScanPart(picks=[])
+    for c0 in range(z0, z1, slab):
+        a = np.ascontiguousarray(vol.read(c0, min(z1, c0 + slab)))
+        part.crc = zlib.crc32(a, part.crc)
+        part.nbytes += a.nbytes
         finite = np.isfinite(a)
         bad = a.size - int(finite.sum())
         if bad:
-            nonfinite += bad
+            part.nonfinite += bad
             a = a[finite]
         if a.size:
-            vmin, vmax = min(vmin, float(a.min())), max(vmax, float(a.max()))
-        negative += int((a < 0).sum())
+            part.minimum, part.maximum = min(part.minimum, float(a.min())), max(part.maximum, float(a.max()))
+        part.negative += int((a < 0).sum())
         pos = a[a > 0]
-        positive += pos.size
-        if pos.size:
-            picks.append(rng.choice(pos.ravel(), size=min(per_slab, pos.size)))   # O(sample), not O(slab)
+        part.positive += pos.size
+        if pos.size:      # O(sample), not O(slab); one generator per slab, so any split of the planes agrees
+            rng = np.random.default_rng([0, c0])
+            part.picks.append(rng.choice(pos.ravel(), size=min(per_slab, pos.size)))
+    return part
+
+
+def _scan_task(job) -> _ScanPart:
+    path, voxel_size, z0, z1, slab, per_slab = job
+    return _scan_planes(open_volume(path, voxel_size=voxel_size), z0, z1, slab, per_slab)
+
+
+def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000, workers: int = 1) -> ScanResult:
+    """Stream the volume once and gather the facts :func:`validate_scan` needs.
+
+    With ``workers > 1`` (Zarr input) runs of slabs are scanned in a process
+    pool and combined (the digest with :func:`crc32_combine`): the same
+    result as one process.
+    """
+    z_total = vol.shape[0]
+    slab = max(1, slab // vol.chunk_planes * vol.chunk_planes) if vol.chunk_planes <= slab else vol.chunk_planes
+    per_slab = max(1000, sample * slab // max(z_total, 1))
+    starts = list(range(0, z_total, slab))
+    workers = max(1, min(workers, len(starts))) if vol.format != "nifti" else 1
+    if workers == 1:
+        parts = [_scan_planes(vol, 0, z_total, slab, per_slab)]
+    else:
+        runs = np.array_split(np.asarray(starts), min(len(starts), 4 * workers))
+        jobs = [(vol.path, vol.voxel_size, int(r[0]), min(z_total, int(r[-1]) + slab), slab, per_slab)
+                for r in runs if r.size]
+        try:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                parts = list(pool.map(_scan_task, jobs))
+        except BrokenProcessPool:
+            raise WorkerKilled(f"a process scanning the input was killed (most often out of memory: {workers} "
+                               f"workers each held {slab} planes); use fewer --workers or more memory") from None
+    crc = zlib.crc32(repr(tuple(vol.shape)).encode())
+    for part in parts:
+        crc = crc32_combine(crc, part.crc, part.nbytes)
+    picks = [p for part in parts for p in part.picks]
     pool = np.concatenate(picks) if picks else np.zeros(0, np.float32)
     p001, p999 = (np.percentile(pool, [0.1, 99.9]) if pool.size else (np.nan, np.nan))
-    return ScanResult(vmin, vmax, nonfinite, negative, positive, float(p001), float(p999), f"crc32:{crc:08x}")
+    return ScanResult(min(p.minimum for p in parts), max(p.maximum for p in parts),
+                      sum(p.nonfinite for p in parts), sum(p.negative for p in parts),
+                      sum(p.positive for p in parts), float(p001), float(p999), f"crc32:{crc:08x}")
 
 
 #: Linear OCT intensity spans decades (speckle alone spans >10x between its

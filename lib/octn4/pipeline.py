@@ -229,13 +229,14 @@ def volume_sections(vol: Volume, *, n_sections=None, planes=None):
         raise InputError(exc.problem, vol.path) from None
 
 
-def open_input(path, *, voxel_size=None, check_log_scale=True, with_scan=False):
-    """Open and validate the input (one streaming pass); raise :class:`InputError` on bad data.
+def open_input(path, *, voxel_size=None, check_log_scale=True, with_scan=False, workers: int = 1):
+    """Open and validate the input (one streaming pass, ``workers`` processes); raise :class:`InputError` on
+    bad data.
 
     Returns the volume, or ``(volume, scan)`` with ``with_scan`` (the scan's digest identifies the content).
     """
     vol = open_volume(path, voxel_size=voxel_size)
-    scan = scan_volume(vol)
+    scan = scan_volume(vol, workers=workers)
     validate_scan(scan, vol.path, check_log_scale=check_log_scale)
     return (vol, scan) if with_scan else vol
 
@@ -925,7 +926,7 @@ def run(input_path, outdir, config: RunConfig, *, resume: bool = False) -> dict:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     vol, scan = open_input(input_path, voxel_size=config.voxel_size, check_log_scale=config.check_log_scale,
-                           with_scan=True)
+                           with_scan=True, workers=config.workers)
     bounds = config.bounds(vol)
     timings["validate"] = time.perf_counter() - t_start
     with run_folder(outdir, overwrite=config.overwrite, resume=resume) as tmp:
