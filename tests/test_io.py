@@ -132,9 +132,9 @@ def test_voxel_size_override_and_bare_zarr(tmp_path):
     assert open_volume(tmp_path / "a.zarr", voxel_size=(1, 2, 3)).voxel_size == (1, 2, 3)
 
 
-def test_read_planes_decompresses_each_z_chunk_once(tmp_path, monkeypatch):
-    """Planes sharing a Z chunk come from one read of their span; values equal plane-by-plane reads."""
-    from octn4.io import Volume, open_volume
+def _volume_counting_reads(tmp_path, monkeypatch):
+    """A 40-plane volume in 8-plane chunks, its data, and the list each ``Volume.read`` call appends to."""
+    from octn4.io import Volume
 
     data = np.random.default_rng(0).random((40, 12, 10), dtype=np.float32) + 0.5
     path = tmp_path / "v.ome.zarr"
@@ -146,10 +146,32 @@ def test_read_planes_decompresses_each_z_chunk_once(tmp_path, monkeypatch):
     original = Volume.read
     monkeypatch.setattr(Volume, "read", lambda self, z0, z1, ys=slice(None), xs=slice(None):
                         calls.append((z0, z1)) or original(self, z0, z1, ys, xs))
+    return vol, data, calls
+
+
+def test_read_planes_decompresses_each_z_chunk_once(tmp_path, monkeypatch):
+    """Planes sharing a Z chunk come from one read of their span; values equal plane-by-plane reads."""
+    vol, data, calls = _volume_counting_reads(tmp_path, monkeypatch)
     zs = [1, 3, 5, 9, 17, 21, 39]
     got = vol.read_planes(zs, slice(0, None, 2), slice(1, None, 3))
     np.testing.assert_array_equal(got, data[zs][:, ::2, 1::3])
     assert calls == [(1, 6), (9, 10), (17, 22), (39, 40)]     # one read per Z chunk touched
+
+
+def test_forward_reads_of_unaligned_blocks_decompress_each_chunk_row_once(tmp_path, monkeypatch):
+    """Blocks of 6 planes (clipped, with repeats) over 8-plane chunks, read forward: the values of
+    read_planes, and each chunk row read once; a read that moves back is still served."""
+    from octn4.io import ForwardReader
+    from octn4.shrink import block_indices
+
+    vol, data, calls = _volume_counting_reads(tmp_path, monkeypatch)
+    reader = ForwardReader(vol)
+    for zb in block_indices(40, 6):
+        np.testing.assert_array_equal(reader.read_planes(zb), data[zb])
+    rows = sorted({z // 8 for a, b in calls for z in range(a, b)})
+    assert rows == list(range(5)) and sum(b - a for a, b in calls) == 40      # every row once, no plane twice
+    np.testing.assert_array_equal(reader.read(3, 19), data[3:19])                # backwards: read again
+    np.testing.assert_array_equal(reader.read(38, 45), data[38:40])
 
 
 @pytest.mark.parametrize("dtype,step", [(np.float32, 8), (np.float32, 3), (np.uint8, 5)])

@@ -100,6 +100,29 @@ def test_touching_planes_see_the_gain_where_the_anatomy_changes_with_depth():
 # --------------------------------------------------------------------------- fit grids
 
 
+@pytest.mark.parametrize("shape,s", [((6, 37, 41), (11, 11)), ((3, 17, 23), (4, 5)), ((1, 9, 9), (3, 3))])
+def test_block_means_sum_the_planes_as_a_float64_sum_over_them_does(shape, s):
+    """block_mean_plane accumulates plane by plane: the same bits as numpy's float64 sum over the planes' axis
+    followed by the separable block sums, with a wide dynamic range so any change of order would show."""
+    from octn4.shrink import block_mean_plane
+
+    rng = np.random.default_rng(8)
+    planes = (rng.gamma(1.0, 1.0, shape) * rng.choice([1e-3, 1.0, 1e3], size=shape)).astype(np.float32)
+    planes[rng.random(shape) < 0.1] = 0
+    tissue = rng.random(shape) < 0.7
+    use = tissue & (planes > 0)
+    iy, ix = (block_indices(n, k) for n, k in zip(shape[1:], s))
+    per_pixel = np.sum(np.where(use, planes, 0), axis=0, dtype=np.float64)
+    counts = np.sum(use, axis=0)
+    vs = per_pixel[iy.reshape(-1)].reshape(iy.shape + (-1,)).sum(axis=1)[:, ix.reshape(-1)].reshape(
+        iy.shape[0], *ix.shape).sum(axis=2)
+    ns = counts[iy.reshape(-1)].reshape(iy.shape + (-1,)).sum(axis=1)[:, ix.reshape(-1)].reshape(
+        iy.shape[0], *ix.shape).sum(axis=2)
+    mean, fitted = block_mean_plane(planes, tissue, s, shape[1:])
+    np.testing.assert_array_equal(mean, np.where(ns > 0, vs / np.maximum(ns, 1), 0).astype(np.float32))
+    np.testing.assert_array_equal(fitted, ns >= np.ceil(0.5 * shape[0] * s[0] * s[1]))
+
+
 @pytest.mark.parametrize("shape,s", [((13, 17, 22), (3, 4, 5)), ((8, 9, 10), (2, 2, 2)), ((6, 40, 41), (4, 4, 4))])
 def test_shrink_modes_against_direct_numpy(shape, s):
     rng = np.random.default_rng(1)

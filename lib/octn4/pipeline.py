@@ -74,6 +74,7 @@ from .gains import (
 )
 from .io import (
     CHUNKS,
+    ForwardReader,
     Volume,
     atomic_dir,
     create_writer,
@@ -424,15 +425,19 @@ def _with_profile(fit: FitResult, profile) -> FitResult:
     return fit
 
 
-def _block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None):
-    """Tissue block means of ``vol`` (divided by ``exp(log_field(planes))`` when given), one Z block at a time."""
+def _block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None, advance=None):
+    """Tissue block means of ``vol`` (divided by ``exp(log_field(planes))`` when given), one Z block at a time
+    (``advance()`` after each); every stored chunk of input and mask is decompressed once."""
     img = np.empty((len(z_blocks),) + tuple(shrink_grid(n, k)[1] for n, k in zip(vol.shape[1:], s[1:])), np.float32)
     fit = np.empty(img.shape, bool)
+    vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk)
     for j, zb in enumerate(z_blocks):
-        planes = vol.read_planes(zb)
+        planes = vol_rows.read_planes(zb)
         if log_field is not None:
             planes = planes / np.exp(log_field(zb))
-        img[j], fit[j] = block_mean_plane(planes, msk.read_planes(zb) > 0, s[1:], vol.shape[1:])
+        img[j], fit[j] = block_mean_plane(planes, msk_rows.read_planes(zb) > 0, s[1:], vol.shape[1:])
+        if advance is not None:
+            advance()
     return img, fit
 
 
@@ -623,21 +628,18 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
     (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(vol.shape, s))
     iy, ix = oy + s[1] * np.arange(my), ox + s[2] * np.arange(mx)
     ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
-    sub = np.empty((mz, my, mx), np.float32)
-    sub_mask = np.empty((mz, my, mx), bool)
-    blocks = block_indices(vol.shape[0], s[0])
     with progress(mz, "global N4: reading shrunk copy") as advance:
-        for j in range(mz):
-            if params.shrink_mode == "mean":
-                img, fit = _block_mean_grid(vol, msk, blocks[j:j + 1], s,
-                                            log_field=lambda zb: section_log_field(fields, zb))
-                sub[j], sub_mask[j] = img[0], fit[0]
-            else:
+        if params.shrink_mode == "mean":
+            sub, sub_mask = _block_mean_grid(vol, msk, block_indices(vol.shape[0], s[0]), s,
+                                             log_field=lambda zb: section_log_field(fields, zb), advance=advance)
+        else:
+            sub, sub_mask = np.empty((mz, my, mx), np.float32), np.empty((mz, my, mx), bool)
+            for j in range(mz):
                 z = oz + s[0] * j
                 f = section_log_field(fields, [z], iy, ix)
                 sub[j] = vol.read(z, z + 1, ys, xs)[0] / np.exp(f[0])
                 sub_mask[j] = msk.read(z, z + 1, ys, xs)[0] > 0
-            advance()
+                advance()
     log.info("global N4: fitting on a %s grid (shrink %s), %d tissue voxels", sub.shape, s, int(sub_mask.sum()))
     return fit_bias(sub, sub_mask, full_shape=vol.shape, shrink=s, voxel_size=vol.voxel_size,
                     params=params, threads=threads, engine=engine, device=device)

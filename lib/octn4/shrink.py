@@ -56,15 +56,24 @@ def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
     iy, ix = (block_indices(n, s) for n, s in zip(shape_yx, shrink_yx))
     (my, sy), (mx, sx) = iy.shape, ix.shape
     iy_d, ix_d = (from_numpy(i.reshape(-1), like=planes) for i in (iy, ix))
-    use = xp.astype(tissue, xp.bool) & (planes > 0)
 
     def block_sums(per_pixel):
-        # sums are separable: over the block's planes (done by the caller), then its rows, then its columns
+        # sums are separable: over the block's planes (above), then its rows, then its columns
         rows = xp.sum(xp.reshape(xp.take(per_pixel, iy_d, axis=0), (my, sy, per_pixel.shape[1])), axis=1)
         return xp.sum(xp.reshape(xp.take(rows, ix_d, axis=1), (my, mx, sx)), axis=2)
 
-    vs = block_sums(xp.sum(xp.where(use, planes, xp.zeros_like(planes)), axis=0, dtype=xp.float64))
-    ns = block_sums(xp.sum(xp.astype(use, xp.int64), axis=0))
+    # per pixel, over the block's planes in order: the tissue sum in float64 (the additions a float64 sum over
+    # the planes' axis makes, without its (k, Y, X) temporaries) and the tissue count
+    zero = xp.zeros((), dtype=planes.dtype)
+    total = count = None
+    for i in range(planes.shape[0]):
+        use = xp.astype(tissue[i], xp.bool) & (planes[i] > 0)
+        if total is None:
+            total, count = xp.astype(xp.where(use, planes[i], zero), xp.float64), xp.astype(use, xp.int32)
+        else:
+            total += xp.where(use, planes[i], zero)
+            count += use
+    vs, ns = block_sums(total), block_sums(count)
     size = planes.shape[0] * sy * sx
     mean = xp.astype(xp.where(ns > 0, vs / xp.astype(xp.where(ns > 0, ns, xp.ones_like(ns)), xp.float64),
                               xp.zeros_like(vs)), xp.float32)
