@@ -271,3 +271,56 @@ def test_volume_scanned_in_parallel_equals_one_process(small_stack):
     data = np.ascontiguousarray(vol.read(0, vol.shape[0]))
     assert one.digest == f"crc32:{zlib.crc32(data, zlib.crc32(repr(tuple(vol.shape)).encode())):08x}"
     assert one.n_positive == int((data > 0).sum()) and one.maximum == float(data.max())
+
+
+@pytest.mark.parametrize("voxel_size", [(0.05, 0.05, 0.05), (0.1, 0.05, 0.05)])
+def test_pyramid_from_the_parts_level1_equals_the_rebuild_from_level_0(tmp_path, voxel_size):
+    """Parts keep the first pyramid level of their planes; the output takes level 1 from them (in Z order)
+    and streams the coarser levels: every level equals a pyramid rebuilt from level 0, with Z factors 2
+    and 1, a depth the Z factor does not divide, and a part that owns no plane."""
+    from octn4.io import PartWriter, _pyramid_factors
+
+    shape = (41, 300, 300)
+    assert len(_pyramid_factors(shape, voxel_size)) == 2
+    data = np.random.default_rng(3).gamma(1.0, 1.0, shape).astype(np.float32)
+    parts = []
+    for i, (a, b) in enumerate([(0, 16), (16, 16), (16, 41)]):
+        with PartWriter(tmp_path / f"p{i}.zarr", shape, owned=(a, b), chunks=(8, 128, 128),
+                        voxel_size=voxel_size) as w:
+            for z in range(a, b, 5):                      # tiles that do not fall on Z groups or chunk rows
+                w.write(z, data[z:min(b, z + 5)])
+            w.commit()
+        parts.append(tmp_path / f"p{i}.zarr")
+    with OmeZarrWriter(tmp_path / "linked.ome.zarr", shape, voxel_size, chunks=(8, 128, 128)) as w:
+        for p in parts:
+            w.adopt(p)
+        assert all(w.take_level1(p) for p in parts)
+        w.commit()
+    with OmeZarrWriter(tmp_path / "rebuilt.ome.zarr", shape, voxel_size, chunks=(8, 128, 128)) as w:
+        for z in reversed(range(0, 41, 8)):               # out of order: commit rebuilds from level 0
+            w.write(z, data[z:z + 8])
+        w.commit()
+    levels = sorted(p.name for p in (tmp_path / "rebuilt.ome.zarr").glob("s*"))
+    assert levels == ["s0", "s1", "s2"]
+    for level in levels:
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "linked.ome.zarr" / level), mode="r")[:],
+                                      zarr.open_array(str(tmp_path / "rebuilt.ome.zarr" / level), mode="r")[:])
+
+
+def test_level1_of_parts_out_of_z_order_is_refused(tmp_path):
+    from octn4.io import PartWriter
+
+    shape, vs = (32, 256, 256), (0.05, 0.05, 0.05)
+    data = np.ones(shape, np.float32)
+    parts = []
+    for i, (a, b) in enumerate([(0, 16), (16, 32)]):
+        with PartWriter(tmp_path / f"p{i}.zarr", shape, owned=(a, b), chunks=(16, 128, 128), voxel_size=vs) as w:
+            w.write(a, data[a:b])
+            w.commit()
+        parts.append(tmp_path / f"p{i}.zarr")
+    with OmeZarrWriter(tmp_path / "o.ome.zarr", shape, vs, chunks=(16, 128, 128)) as w:
+        with pytest.raises(InputError, match="do not follow"):
+            w.take_level1(parts[1])
+    with PartWriter(tmp_path / "q.zarr", shape, owned=(0, 16), chunks=(16, 128, 128), voxel_size=vs) as w:
+        with pytest.raises(ValueError, match="Z order"):
+            w.write(8, data[8:16])

@@ -142,7 +142,8 @@ def apply_part(vol: Volume, msk: Volume, solution: dict, index: int, out_dir, *,
     tiles = part_tiles(z0, z1, tile_planes)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        writers = {name: PartWriter(tmp / f"{name}.zarr", vol.shape, owned=(z0, z1), chunks=CHUNKS)
+        writers = {name: PartWriter(tmp / f"{name}.zarr", vol.shape, owned=(z0, z1), chunks=CHUNKS,
+                                    voxel_size=vol.voxel_size)
                    for name in PART_OUTPUTS}
         shown = progress(len(tiles), f"apply: section {index}") if show_progress else nullcontext(lambda n=1: None)
         with shown as advance:
@@ -216,6 +217,10 @@ def _assemble(name: str, parts, outdir: Path, vol: Volume, attrs: dict, output_f
                     w.write(a, arr[a:min(z1, a + CHUNKS[0])])
             else:
                 taken += w.adopt(src)
+        if output_format != "nifti":   # level 1 from the parts' own (in Z order), the coarser levels from memory
+            for part in parts:
+                if not w.take_level1(part["path"] / f"{name}.zarr"):
+                    break                   # a part without it: commit rebuilds the pyramid from level 0
         w.commit()
     return taken
 

@@ -666,11 +666,17 @@ class _Level:
     divide) are dropped, as a rebuild drops them.
     """
 
-    def __init__(self, array, factor):
+    def __init__(self, array, factor, start: int = 0):
         self.array, self.factor = array, factor
         self.pending = None                         # planes of the level above not yet reduced
         self.queued = []                            # reduced planes not yet written
-        self.written = 0
+        self.written = start                        # the level's plane where the next write starts
+
+    def put(self, planes):
+        """Queue planes of this level itself (already reduced), written a whole chunk row at a time."""
+        if planes.shape[0]:
+            self.queued.append(planes)
+            self._write(whole_rows=True)
 
     def take(self, block, reduce):
         buf = block if self.pending is None or not self.pending.shape[0] else \
@@ -748,7 +754,8 @@ def part_files(part, planes_per_file: int) -> list[tuple[Path, Path]]:
 
 
 class PartWriter(_Writer):
-    """The part of an output that one apply task writes: level 0 of the chunk rows it owns.
+    """The part of an output that one apply task writes: level 0 of the chunk rows it owns, and the first
+    pyramid level of those planes.
 
     The store holds the output's level-0 array (``s0``) with the output's
     exact layout (:func:`_create_level`: shape, chunks, shards, codecs),
@@ -758,9 +765,20 @@ class PartWriter(_Writer):
     :meth:`OmeZarrWriter.adopt`, by hard link: no voxel is read or written
     twice, and since no two parts own one shard, parts may be written at
     the same time by any number of processes or nodes, in any order.
+
+    Given ``voxel_size`` (and ``reduce``), the planes written are also
+    reduced into the output's first pyramid level (:func:`_pyramid_factors`,
+    :func:`_downsample`) while they are in memory, and kept in ``s1``: the
+    level-1 planes of the owned planes (a Z group never straddles two
+    parts, since parts own whole 16-plane rows and Z factors are 1 or 2).
+    ``s1`` is the part's own array, unsharded; the finishing step reads it
+    (:meth:`OmeZarrWriter.take_level1`) instead of re-reading level 0, a
+    quarter or an eighth of the voxels.  Planes must be written in Z order
+    for ``s1``.
     """
 
-    def __init__(self, path, shape, *, owned, dtype=np.float32, chunks=None, overwrite=False, shards: bool = True):
+    def __init__(self, path, shape, *, owned, dtype=np.float32, chunks=None, overwrite=False, shards: bool = True,
+                 voxel_size=None, reduce: str = "mean"):
         import zarr
 
         super().__init__(path, overwrite)
@@ -773,15 +791,38 @@ class PartWriter(_Writer):
         group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         self._s0 = _create_level(group, "s0", self.shape, self.chunks, np.dtype(dtype), bool(shards))
         self._group = group
+        self.reduce = reduce
+        self._level1, self._next = None, z0
+        factors = _pyramid_factors(self.shape, _check_voxel_size(voxel_size, path)) if voxel_size else []
+        if factors and self.chunks[0] % factors[0][0] == 0:
+            f = factors[0]
+            l1 = _create_level(group, "s1", tuple(n // k for n, k in zip(self.shape, f)), self.chunks,
+                               np.dtype(dtype), False)
+            self._level1 = _Level(l1, f, start=z0 // f[0])
 
     def write(self, z0: int, block: np.ndarray) -> None:
         z1 = z0 + block.shape[0]
         if not self.owned[0] <= z0 <= z1 <= self.owned[1]:
             raise ValueError(f"planes {z0}..{z1} are outside this part's {self.owned[0]}..{self.owned[1]}")
-        self._s0[z0:z1] = np.asarray(block, dtype=self._s0.dtype)
+        block = np.asarray(block, dtype=self._s0.dtype)
+        self._s0[z0:z1] = block
+        if self._level1 is not None:
+            if z0 != self._next:
+                raise ValueError(f"a part keeping its pyramid level takes planes in Z order: expected z0="
+                                 f"{self._next}, got {z0}")
+            self._next = z1
+            self._level1.take(block, self.reduce)
 
     def commit(self) -> None:
-        self._group.attrs.update({"octn4_part": {"planes": list(self.owned)}})
+        meta = {"planes": list(self.owned)}
+        if self._level1 is not None:
+            if self._next != self.owned[1]:
+                raise ValueError(f"part incomplete: planes {self.owned[0]}..{self._next} of "
+                                 f"{self.owned[0]}..{self.owned[1]} written")
+            self._level1.flush()
+            f = self._level1.factor
+            meta["level1"] = {"factor": list(f), "planes": [self.owned[0] // f[0], self._level1.written]}
+        self._group.attrs.update({"octn4_part": meta})
         replace_path(self.tmp, self.path)
         self.committed = True
 
@@ -832,6 +873,7 @@ class OmeZarrWriter(_Writer):
             shape = tuple(n // k for n, k in zip(shape, f))
             self._levels.append(_Level(self._create(f"s{level}", shape), f))
         self._next_z = 0            # where the next in-order block starts; None once a block came out of order
+        self._level1_next = None    # where the next part's level-1 planes start (take_level1)
 
     def _create(self, name, shape):
         return _create_level(self._group, name, shape, self.chunks, self.dtype, self.sharded)
@@ -861,6 +903,42 @@ class OmeZarrWriter(_Writer):
         self._next_z = None
         return taken
 
+    def take_level1(self, part) -> bool:
+        """Append a part's level-1 planes (:class:`PartWriter`'s ``s1``) to this output's level 1 and reduce
+        them into the coarser levels from memory.  Parts must come in Z order, each one's level-1 planes
+        starting where the previous one's ended; once level 1 is complete, :meth:`commit` builds no level
+        from level 0.  Returns False (and changes nothing) when the part kept no level 1 for this
+        output's first level, so the caller falls back to :meth:`commit`'s rebuild.
+        """
+        import zarr
+
+        if not self._levels:
+            return False
+        try:
+            level1 = json.loads((Path(part) / "zarr.json").read_text())["attributes"]["octn4_part"].get("level1")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"not an octn4 output part ({exc})", part) from None
+        first = self._levels[0]
+        if not level1 or tuple(level1["factor"]) != tuple(first.factor):
+            return False
+        a, b = level1["planes"]
+        expected = self._level1_next or 0
+        if a != expected:
+            raise InputError(f"level-1 planes {a}..{b} do not follow the previous part's (next: {expected})", part)
+        src = zarr.open_array(str(Path(part) / "s1"), mode="r")
+        if tuple(src.shape) != tuple(first.array.shape):
+            raise InputError(f"level-1 shape {tuple(src.shape)} differs from the output's {first.array.shape}", part)
+        step = max(1, first.array.chunks[0])
+        for z in range(a, b, step):
+            block = np.asarray(src[z:min(b, z + step)])
+            first.put(block)
+            for level in self._levels[1:]:
+                block = level.take(block, self.reduce)
+                if block.shape[0] == 0:
+                    break
+        self._level1_next = b
+        return True
+
     def write(self, z0: int, block: np.ndarray) -> None:
         block = np.asarray(block, dtype=self.dtype)
         self._s0[z0:z0 + block.shape[0]] = block
@@ -878,7 +956,8 @@ class OmeZarrWriter(_Writer):
         from ome_zarr.writer import write_multiscales_metadata
 
         datasets = [self._dataset("s0", (1, 1, 1))]
-        streamed = self._next_z == self.shape[0]
+        streamed = self._next_z == self.shape[0] or (
+            bool(self._levels) and self._level1_next == self._levels[0].array.shape[0])
         prev, cum = self._s0, np.ones(3, int)
         for level_no, level in enumerate(self._levels, start=1):
             f, cur = level.factor, level.array
