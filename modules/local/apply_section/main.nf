@@ -1,7 +1,8 @@
 /*
- * APPLY_SECTION: corrected volume and bias of one section, as an output part: the chunk rows whose first
- * plane lies in the section, so no two tasks write one file.  Reads its own Z range of input and mask (a
- * few planes of the next section where its last chunk row reaches into it) and the global solution.
+ * APPLY_SECTION: corrected volume and bias of one section (and their first pyramid level), as an output
+ * part: the chunk rows whose first plane lies in the section, so no two tasks write one file.  Reads its own
+ * Z range of input and mask (a few planes of the next section where its last chunk row reaches into it) and
+ * the global solution.
  */
 process APPLY_SECTION {
     tag "${meta.id}:${index}"

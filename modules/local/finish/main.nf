@@ -1,7 +1,7 @@
 /*
  * FINISH: one brain's outputs from its sections' parts: corrected and bias (the parts' shard files taken by
- * hard link, a copy where the filesystem cannot link; pyramids built from level 0), fields.json and
- * metrics.json, published complete or not at all.
+ * hard link, a copy where the filesystem cannot link; pyramids built from the first level each part kept of
+ * its planes), fields.json and metrics.json, published complete or not at all.
  */
 process FINISH {
     tag "${meta.id}"
