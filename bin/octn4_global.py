@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="the solution to write (.json: gains, global field, provenance)")
     cli.add_voxel_size_arg(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes reading the global fit grid (each holds the chunk rows under one Z block)")
     cli.add_engine_args(p)
     cli.add_gain_args(p)
     cli.add_n4_args(p, "global-", title="global N4")
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a) -> None:
     config = pipeline.RunConfig(global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
-                                threads=a.threads, overwrite=a.overwrite, engine=a.engine,
+                                threads=a.threads, workers=a.workers, overwrite=a.overwrite, engine=a.engine,
                                 device=a.device, voxel_size=a.voxel_size)
     pipeline.stage_global_files(a.input, a.mask, a.sections, a.out, config=config)
 

@@ -173,3 +173,19 @@ def test_a_file_that_is_not_a_solution_is_refused_by_name(tmp_path):
     bad.write_text("{")
     with pytest.raises(InputError, match="not an octn4 global solution"):
         read_solution(bad)
+
+
+def test_global_fit_grid_read_in_processes_equals_one_process(solved):
+    """The global pass's Z blocks read by two worker processes: the same grid, so the same fitted field."""
+    from dataclasses import replace
+
+    from octn4.pipeline import fit_global
+
+    vol, msk, solution, _ = solved
+    params = replace(RunConfig(planes=PLANES).global_n4, maximum_number_of_iterations=(10,))
+    one = fit_global(vol, msk, solution["sections"], params=params)
+    two = fit_global(vol, msk, solution["sections"], params=params, workers=2)
+    drop = ("seconds",)
+    assert one.field.to_dict() == two.field.to_dict()
+    assert {k: v for k, v in one.summary().items() if k not in drop} == \
+        {k: v for k, v in two.summary().items() if k not in drop}

@@ -620,17 +620,48 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
             for i, (r, g) in enumerate(zip(records, gains))], report
 
 
+def _global_grid_task(job):
+    input_path, mask_path, voxel_size, records, blocks, s = job
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    fields = section_fields(records)
+    return _block_mean_grid(vol, _open_mask(mask_path, vol), blocks, s,
+                            log_field=lambda zb: section_log_field(fields, zb))
+
+
+def _global_grid_in_parallel(vol: Volume, msk: Volume, records, blocks, s, workers: int, advance):
+    """:func:`_block_mean_grid` of the global pass over runs of consecutive Z blocks in ``workers``
+    processes: each block's mean is computed alone, so the grid is the one-process grid, bit for bit."""
+    runs = [r for r in np.array_split(np.arange(len(blocks)), min(len(blocks), 2 * workers)) if r.size]
+    jobs = [(vol.path, msk.path, vol.voxel_size, records, blocks[r], s) for r in runs]
+    imgs, fits = [], []
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for r, (img, fit) in zip(runs, pool.map(_global_grid_task, jobs)):
+                imgs.append(img)
+                fits.append(fit)
+                advance(len(r))
+    except BrokenProcessPool:
+        raise WorkerKilled(f"a process reading the global fit grid was killed (most often out of memory: {workers} "
+                           "workers each held the chunk rows under one Z block); use fewer --workers or more "
+                           "memory") from None
+    return np.concatenate(imgs), np.concatenate(fits)
+
+
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
-               engine: str = "octn4", device: str = "cpu") -> FitResult:
-    """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane."""
+               engine: str = "octn4", device: str = "cpu", workers: int = 1) -> FitResult:
+    """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane (the 'mean' grid's Z
+    blocks in ``workers`` processes when the input and mask are Zarr)."""
     fields = section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)
     (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(vol.shape, s))
     iy, ix = oy + s[1] * np.arange(my), ox + s[2] * np.arange(mx)
     ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
     with progress(mz, "global N4: reading shrunk copy") as advance:
-        if params.shrink_mode == "mean":
-            sub, sub_mask = _block_mean_grid(vol, msk, block_indices(vol.shape[0], s[0]), s,
+        blocks = block_indices(vol.shape[0], s[0])
+        if params.shrink_mode == "mean" and workers > 1 and mz > 1 and "nifti" not in (vol.format, msk.format):
+            sub, sub_mask = _global_grid_in_parallel(vol, msk, records, blocks, s, workers, advance)
+        elif params.shrink_mode == "mean":
+            sub, sub_mask = _block_mean_grid(vol, msk, blocks, s,
                                              log_field=lambda zb: section_log_field(fields, zb), advance=advance)
         else:
             sub, sub_mask = np.empty((mz, my, mx), np.float32), np.empty((mz, my, mx), bool)
@@ -656,7 +687,7 @@ def solve_global(vol: Volume, msk: Volume, records, *, config: RunConfig, attrs:
         timings["gains"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads,
-                      engine=config.engine, device=config.device)
+                      engine=config.engine, device=config.device, workers=config.workers)
     timings["global_fit"] = time.perf_counter() - t0
     attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
                  section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0),

@@ -67,12 +67,13 @@ def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
     zero = xp.zeros((), dtype=planes.dtype)
     total = count = None
     for i in range(planes.shape[0]):
-        use = xp.astype(tissue[i], xp.bool) & (planes[i] > 0)
+        plane = planes[i, ...]
+        use = xp.astype(tissue[i, ...], xp.bool) & (plane > 0)
         if total is None:
-            total, count = xp.astype(xp.where(use, planes[i], zero), xp.float64), xp.astype(use, xp.int32)
+            total, count = xp.astype(xp.where(use, plane, zero), xp.float64), xp.astype(use, xp.int32)
         else:
-            total += xp.where(use, planes[i], zero)
-            count += use
+            total += xp.astype(xp.where(use, plane, zero), xp.float64)
+            count += xp.astype(use, xp.int32)
     vs, ns = block_sums(total), block_sums(count)
     size = planes.shape[0] * sy * sx
     mean = xp.astype(xp.where(ns > 0, vs / xp.astype(xp.where(ns > 0, ns, xp.ones_like(ns)), xp.float64),

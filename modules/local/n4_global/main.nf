@@ -31,7 +31,7 @@ process N4_GLOBAL {
     """
     export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
     export HOME="\$PWD" MPLCONFIGDIR="\$PWD/.mpl"
-    octn4_global.py ${volume} ${mask} ${sections} ${meta.id}.global.json --device ${device} --threads ${task.cpus} ${voxel} ${args}
+    octn4_global.py ${volume} ${mask} ${sections} ${meta.id}.global.json --device ${device} --threads ${task.cpus} --workers ${task.cpus} ${voxel} ${args}
     """
 
     stub:
