@@ -17,16 +17,14 @@ import os
 import shutil
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass
-from multiprocessing import get_context
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, WorkerKilled
+from .errors import InputError
+from .workers import worker_pool
 
 __all__ = [
     "Volume",
@@ -431,11 +429,11 @@ class _ScanPart:
     nonfinite: int = 0
     negative: int = 0
     positive: int = 0
-    picks: list = None
+    picks: list = field(default_factory=list)    # samples of positive values, one array per slab
 
 
 def _scan_planes(vol: Volume, z0: int, z1: int, slab: int, per_slab: int) -> _ScanPart:
-    part = _ScanPart(picks=[])
+    part = _ScanPart()
     for c0 in range(z0, z1, slab):
         a = np.ascontiguousarray(vol.read(c0, min(z1, c0 + slab)))
         part.crc = zlib.crc32(a, part.crc)
@@ -479,12 +477,10 @@ def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000, workers
         runs = np.array_split(np.asarray(starts), min(len(starts), 4 * workers))
         jobs = [(vol.path, vol.voxel_size, int(r[0]), min(z_total, int(r[-1]) + slab), slab, per_slab)
                 for r in runs if r.size]
-        try:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                parts = list(pool.map(_scan_task, jobs))
-        except BrokenProcessPool:
-            raise WorkerKilled(f"a process scanning the input was killed (most often out of memory: {workers} "
-                               f"workers each held {slab} planes); use fewer --workers or more memory") from None
+        with worker_pool(workers, f"a process scanning the input was killed (most often out of memory: "
+                                  f"{workers} workers each held {slab} planes); use fewer --workers or more "
+                                  "memory") as pool:
+            parts = list(pool.map(_scan_task, jobs))
     crc = zlib.crc32(repr(tuple(vol.shape)).encode())
     for part in parts:
         crc = crc32_combine(crc, part.crc, part.nbytes)

@@ -37,12 +37,9 @@ import shutil
 import sys
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +58,7 @@ from .apply import (
 )
 from .bspline import shrink_grid
 from .depth import fit_depth_profiles, plane_log_medians
-from .errors import InputError, WorkerKilled
+from .errors import InputError
 from .gains import (
     GainParams,
     boundary_steps_from_data,
@@ -89,6 +86,7 @@ from .n4 import ENGINES, FitResult, N4Params, choose_device, fit_bias, fit_bias_
 from .progress import progress
 from .sections import section_bounds
 from .shrink import block_indices, block_mean_plane
+from .workers import worker_pool
 
 log = logging.getLogger("octn4")
 
@@ -323,22 +321,19 @@ def _mask_section_task(job):
 
 def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: int, stats, advance) -> np.ndarray:
     jobs = [(vol.path, vol.voxel_size, bounds, i, params) for i in range(len(bounds))]
-    try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            parts = []
-            for t in pool.map(_mask_thresholds_task, jobs):
-                parts.append(t)
-                advance()
-            thresholds = np.concatenate(parts)
-            for done in pool.map(_mask_section_task, [j + (thresholds,) for j in jobs]):
-                for z0, block in done.blocks:
-                    writer.write(z0, block)
-                for z0, med, n in done.stats:
-                    stats.set(z0, med, n)
-                advance()
-    except BrokenProcessPool:
-        raise WorkerKilled(f"a mask worker process was killed (most often out of memory: {workers} workers each "
-                           "held one slab of a section); use fewer --workers or more memory") from None
+    with worker_pool(workers, f"a mask worker process was killed (most often out of memory: {workers} workers "
+                              "each held one slab of a section); use fewer --workers or more memory") as pool:
+        parts = []
+        for t in pool.map(_mask_thresholds_task, jobs):
+            parts.append(t)
+            advance()
+        thresholds = np.concatenate(parts)
+        for done in pool.map(_mask_section_task, [j + (thresholds,) for j in jobs]):
+            for z0, block in done.blocks:
+                writer.write(z0, block)
+            for z0, med, n in done.stats:
+                stats.set(z0, med, n)
+            advance()
     return thresholds
 
 
@@ -634,16 +629,13 @@ def _global_grid_in_parallel(vol: Volume, msk: Volume, records, blocks, s, worke
     runs = [r for r in np.array_split(np.arange(len(blocks)), min(len(blocks), 2 * workers)) if r.size]
     jobs = [(vol.path, msk.path, vol.voxel_size, records, blocks[r], s) for r in runs]
     imgs, fits = [], []
-    try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for r, (img, fit) in zip(runs, pool.map(_global_grid_task, jobs)):
-                imgs.append(img)
-                fits.append(fit)
-                advance(len(r))
-    except BrokenProcessPool:
-        raise WorkerKilled(f"a process reading the global fit grid was killed (most often out of memory: {workers} "
-                           "workers each held the chunk rows under one Z block); use fewer --workers or more "
-                           "memory") from None
+    with worker_pool(workers, f"a process reading the global fit grid was killed (most often out of memory: "
+                              f"{workers} workers each held the chunk rows under one Z block); use fewer --workers "
+                              "or more memory") as pool:
+        for r, (img, fit) in zip(runs, pool.map(_global_grid_task, jobs)):
+            imgs.append(img)
+            fits.append(fit)
+            advance(len(r))
     return np.concatenate(imgs), np.concatenate(fits)
 
 
@@ -720,14 +712,11 @@ def apply_parts(vol: Volume, msk: Volume, solution: dict, part_dir: Path, *, til
                 _apply_task(j)
                 advance()
             return paths
-        try:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for _ in pool.map(_apply_task, jobs):
-                    advance()
-        except BrokenProcessPool:
-            raise WorkerKilled(f"an apply worker process was killed (most often out of memory: {workers} workers "
-                               f"each held one tile of {tile_planes} planes); use fewer --workers or a smaller "
-                               "--tile-mib") from None
+        with worker_pool(workers, f"an apply worker process was killed (most often out of memory: {workers} "
+                                  f"workers each held one tile of {tile_planes} planes); use fewer --workers or a "
+                                  "smaller --tile-mib") as pool:
+            for _ in pool.map(_apply_task, jobs):
+                advance()
     return paths
 
 
@@ -1062,12 +1051,9 @@ def _fit_missing_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, t
                 keep(_section_task(j))
                 advance()
         else:
-            try:
-                with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                    for rec in pool.map(_section_task, jobs):
-                        keep(rec)
-                        advance()
-            except BrokenProcessPool:
-                raise WorkerKilled(f"a section worker process was killed (most often out of memory: {workers} "
-                                   f"workers each held one section's fit); the sections finished so far are kept "
-                                   "for --resume; use fewer --workers or more memory") from None
+            with worker_pool(workers, f"a section worker process was killed (most often out of memory: "
+                                      f"{workers} workers each held one section's fit); the sections finished so "
+                                      "far are kept for --resume; use fewer --workers or more memory") as pool:
+                for rec in pool.map(_section_task, jobs):
+                    keep(rec)
+                    advance()
