@@ -79,13 +79,49 @@ class _Sink:
 
 
 @pytest.mark.parametrize("slab", [3, 16])
-@pytest.mark.parametrize("params", [MaskParams(), MaskParams(smoothing_sigma_z=2.5, z_closing_planes=4)])
+@pytest.mark.parametrize("params", [MaskParams(), MaskParams(smoothing_sigma_z=2.5, z_closing_planes=4),
+                                    MaskParams(method="depth")])
 def test_streamed_mask_equals_in_memory_mask(params, slab):
     vol, _ = stack(seed=1, shape=(40, 40, 40))
     bounds = section_bounds(40, planes=[9, 12, 5, 14])
     sink = _Sink(vol.shape)
     write_tissue_mask(_Reader(vol), bounds, sink, params=params, slab=slab)
     np.testing.assert_array_equal(sink.out.astype(bool), tissue_mask(vol, bounds, params=params))
+
+
+class _Stats:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, z0, planes, tissue):
+        self.calls.append((z0, np.array(planes), np.array(tissue)))
+
+
+@pytest.mark.parametrize("slab", [3, 16])
+@pytest.mark.parametrize("planes", [[9, 12, 5, 14], [40], [2, 29, 2, 7]])
+@pytest.mark.parametrize("method", ["reference", "depth"])
+def test_mask_from_kept_smoothed_planes_equals_the_mask_smoothed_twice(method, planes, slab, tmp_path):
+    """With a scratch directory each section is smoothed once (its threshold pass keeps the planes its mask
+    pass needs, neighbours' halo included): the same mask, thresholds and per-plane statistics, bit for bit,
+    and the scratch is left empty."""
+    params = MaskParams(method=method)
+    vol, _ = stack(seed=2, shape=(40, 36, 44))
+    bounds = section_bounds(40, planes=planes)
+    runs = []
+    for scratch in (None, tmp_path / "scratch"):
+        sink, stats = _Sink(vol.shape), _Stats()
+        thr = write_tissue_mask(_Reader(vol), bounds, sink, params=params, slab=slab, plane_stats=stats,
+                                scratch=scratch)
+        runs.append((sink.out, thr, stats.calls))
+    (want, want_thr, want_stats), (got, got_thr, got_stats) = runs
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_thr, want_thr)
+    assert 0.05 < want.mean() < 0.95                      # a mask with both classes, not all tissue
+    assert [c[0] for c in got_stats] == [c[0] for c in want_stats]
+    for (_, p1, t1), (_, p2, t2) in zip(got_stats, want_stats):
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(t1, t2)
+    assert list((tmp_path / "scratch").iterdir()) == []
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

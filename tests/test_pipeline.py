@@ -271,26 +271,39 @@ def test_apply_tiles_are_whole_output_shards_and_whole_input_chunks_where_memory
     assert tile_planes_for((100, 4096, 4096), 1024, 16) == 2            # wider planes: below a chunk row
 
 
-@pytest.mark.parametrize("method", ["depth", "reference"])
-def test_the_mask_stage_in_parallel_gives_the_serial_mask(small_stack, tmp_path, method):
-    """Sections thresholded and masked in two worker processes, blocks written here in Z order: the same mask,
-    plane statistics and thresholds as one process, on sections that do not start on chunk rows."""
-    from octn4.mask import MaskParams
+@pytest.mark.parametrize("method,planes,pool", [("depth", [13, 9, 17, 9], 2), ("reference", [13, 9, 17, 9], 2),
+                                                ("depth", [20, 2, 3, 2, 21], 3)], ids=["depth", "reference", "thin"])
+def test_the_mask_stage_in_parallel_gives_the_serial_mask(tmp_path, method, planes, pool):
+    """Sections thresholded and masked in worker processes, each section smoothed once (planes kept on disk
+    between its passes), each writing the chunk rows it owns as a part taken into the mask by link: the same
+    mask (every pyramid level), plane statistics and thresholds as one process, and the same mask as the
+    whole volume in memory, on sections that do not start on chunk rows, and on sections thinner than the Z
+    closing's reach (a part waits for further sections' thresholds; sections inside one row own no part)."""
+    from octn4.mask import MaskParams, tissue_mask
     from octn4.pipeline import open_input, stage_mask, volume_sections
+    from octn4.synth import SynthParams, synth_stack
 
-    vol = open_input(small_stack / "volume.ome.zarr")
-    bounds = volume_sections(vol, planes=[13, 9, 17, 9])
+    synth_stack(tmp_path / "stack", SynthParams(shape=(48, 136, 136), n_sections=3, seed=5))   # planes > 64: pyramids
+    vol = open_input(tmp_path / "stack" / "volume.ome.zarr")
+    bounds = volume_sections(vol, planes=planes)
     params = MaskParams(method=method)
     got = {}
-    for workers in (1, 2):
+    for workers in (1, pool):
         out = tmp_path / f"m{workers}.ome.zarr"
         thr = stage_mask(vol, bounds, out, params=params, attrs={}, workers=workers)
         g = zarr.open_group(str(out))
         got[workers] = (thr, [np.asarray(g[k][...]) for k in sorted(g.array_keys())], dict(g.attrs["octn4"]))
-    np.testing.assert_array_equal(got[1][0], got[2][0])
-    for a, b in zip(got[1][1], got[2][1]):
+    np.testing.assert_array_equal(got[1][0], got[pool][0])
+    assert len(got[1][1]) == len(got[pool][1]) > 1                    # every pyramid level
+    for a, b in zip(got[1][1], got[pool][1]):
         np.testing.assert_array_equal(a, b)
-    assert got[1][2] == got[2][2] and got[1][1][0].any()
+    assert not list(tmp_path.glob(".*"))                             # no parts left beside the outputs
+    assert got[1][2] == got[pool][2] and got[1][1][0].any() and not got[1][1][0].all()
+    np.testing.assert_array_equal(got[1][1][0], tissue_mask(vol.read(0, vol.shape[0]), bounds, params=params))
+    if pool == 3:                                                   # parts streamed into a NIfTI mask
+        from octn4.io import open_volume
+        stage_mask(vol, bounds, tmp_path / "m.nii.gz", params=params, attrs={}, workers=pool)
+        np.testing.assert_array_equal(open_volume(tmp_path / "m.nii.gz").read(0, vol.shape[0]), got[1][1][0])
 
 
 def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, demo_stack, tmp_path):

@@ -64,14 +64,14 @@ def killing_task(args):
     return task(args)
 
 pipeline._section_task = killing_task
-mask_task = pipeline._mask_section_task
+mask_task = pipeline._mask_part_task
 
 def killing_mask_task(job):
     if point == "mask-worker" and job[3] == 1:  # with --workers 2 a worker process masks section 1
         die()
     return mask_task(job)
 
-pipeline._mask_section_task = killing_mask_task
+pipeline._mask_part_task = killing_mask_task
 if __name__ == "__main__":                     # not in spawned workers, which import this file too
     from octn4.cli import main
     sys.exit(main(argv))

@@ -35,8 +35,10 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import zlib
+from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -50,6 +52,7 @@ from .apply import (
     apply_part,
     finish,
     mask_plane_thresholds,
+    owned_planes,
     peak_rss_mib,
     read_solution,
     section_fields,
@@ -72,6 +75,8 @@ from .gains import (
 from .io import (
     CHUNKS,
     ForwardReader,
+    OmeZarrWriter,
+    PartWriter,
     Volume,
     atomic_dir,
     create_writer,
@@ -81,7 +86,15 @@ from .io import (
     validate_scan,
     write_json,
 )
-from .mask import MaskParams, above_in_plane, section_plane_thresholds, write_section_mask, write_tissue_mask
+from .mask import (
+    KeptSection,
+    MaskParams,
+    above_in_plane,
+    section_plane_thresholds,
+    sections_reached,
+    write_section_mask,
+    write_tissue_mask,
+)
 from .n4 import ENGINES, FitResult, N4Params, choose_device, fit_bias, fit_bias_batch, shrink_factors
 from .progress import progress
 from .sections import section_bounds
@@ -270,70 +283,136 @@ def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict
                workers: int = 1) -> np.ndarray:
     """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``, with per-plane statistics.
 
-    With ``workers > 1`` (and a Zarr input, which sections can read at
-    random) both passes run one section per task in a process pool: first
-    every section's thresholds, then every section's mask with its halo
-    planes; the blocks come back in Z order and are written here, so no two
-    processes write one store.  The mask equals the serial one bit for bit.
-    Each worker holds what the serial stage holds (a slab and its halo).
+    Each section is smoothed once: its threshold pass keeps the smoothed
+    planes its mask pass needs on local disk (:class:`octn4.mask.KeptSection`,
+    in a temporary directory under ``$TMPDIR``, removed as each section's
+    mask is written: a few sections' worth at a time, float32, plus their
+    raw planes).  With ``workers > 1`` (and a Zarr input, which sections can
+    read at random) the passes run one section per task in a process pool,
+    and each section's mask task writes the chunk rows it owns
+    (:func:`octn4.apply.owned_planes`) as an output part, with their first
+    pyramid level, as soon as the sections its Z closing reaches have their
+    thresholds; the parts are then taken into the mask by link, in Z order
+    (:func:`_mask_in_parallel`).  The mask equals the serial one bit for
+    bit.  Each worker holds what the serial stage holds (a slab and its halo).
     """
     stats = _PlaneStatsRecorder(vol.shape[0])
     workers = min(workers, len(bounds)) if vol.format != "nifti" else 1
+    out_path = Path(out_path)
     with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
-                       attrs=attrs, overwrite=overwrite, affine=vol.affine) as w:
+                       attrs=attrs, overwrite=overwrite, affine=vol.affine) as w, \
+            tempfile.TemporaryDirectory(prefix="octn4-mask-") as scratch:
         with progress(len(bounds) * (2 if workers > 1 else 1), "tissue mask") as advance:
             if workers > 1:
-                thresholds = _mask_in_parallel(vol, bounds, w, params, workers, stats, advance)
+                with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.parts-", dir=out_path.parent) as parts:
+                    thresholds = _mask_in_parallel(vol, bounds, w, params, workers, stats, advance, scratch,
+                                                   Path(parts))
             else:
                 thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance(),
-                                               plane_stats=stats)
+                                               plane_stats=stats, scratch=scratch)
         w.attrs["plane_thresholds"] = [None if not math.isfinite(t) else float(t) for t in thresholds]
         stats.store(w.attrs)
         w.commit()
     return thresholds
 
 
-class _Blocks:
-    """A writer that keeps the blocks (for a mask task to send back) and the planes' statistics."""
+class _StatsList:
+    """The planes' statistics a mask task computes, to send back."""
 
     def __init__(self):
-        self.blocks, self.stats = [], []
-
-    def write(self, z0, block):
-        self.blocks.append((z0, block))
+        self.stats = []
 
     def __call__(self, z0, planes, mask):
         self.stats.append((z0, *plane_log_medians(planes, mask)))
 
 
+def _kept(scratch, bounds, i: int, depth: int, params: MaskParams) -> KeptSection:
+    return KeptSection(Path(scratch) / f"section_{i}", bounds, i, depth, params,
+                       masked=owned_planes(bounds, i, depth))
+
+
 def _mask_thresholds_task(job):
-    path, voxel_size, bounds, i, params = job
-    return section_plane_thresholds(open_volume(path, voxel_size=voxel_size), bounds, i, params=params)
+    path, voxel_size, bounds, i, params, scratch = job
+    vol = open_volume(path, voxel_size=voxel_size)
+    return "thresholds", i, section_plane_thresholds(vol, bounds, i, params=params,
+                                                     keep=_kept(scratch, bounds, i, vol.shape[0], params))
 
 
-def _mask_section_task(job):
-    path, voxel_size, bounds, i, params, thresholds = job
-    out = _Blocks()
-    write_section_mask(open_volume(path, voxel_size=voxel_size), bounds, i, thresholds, out, params=params,
-                       plane_stats=out)
-    return out
+def _mask_part_task(job):
+    path, voxel_size, bounds, i, params, scratch, thresholds, part = job
+    vol = open_volume(path, voxel_size=voxel_size)
+    kept = _kept(scratch, bounds, i, vol.shape[0], params)
+    stats = _StatsList()
+    with PartWriter(part, vol.shape, owned=kept.masked, dtype=np.uint8, chunks=CHUNKS, voxel_size=vol.voxel_size,
+                    reduce="max") as w:
+        write_section_mask(vol, bounds, i, thresholds, w, params=params, plane_stats=stats, kept=kept)
+        w.commit()
+    kept.remove()
+    return "part", i, stats.stats
 
 
-def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: int, stats, advance) -> np.ndarray:
-    jobs = [(vol.path, vol.voxel_size, bounds, i, params) for i in range(len(bounds))]
+def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: int, stats, advance, scratch,
+                      parts: Path) -> np.ndarray:
+    """Thresholds and mask parts of the sections in a pool, then the parts taken into ``writer`` in Z order.
+
+    Section ``i``'s part (the chunk rows it owns) is written by its own task
+    once the sections that part's Z closing reaches
+    (:func:`octn4.mask.sections_reached`) have their thresholds;
+    thresholding runs at most ``workers + 1`` sections ahead of the parts
+    finished in Z order, which bounds the planes kept on disk.  A section
+    inside one chunk row owns no rows and has no part.
+    """
+    n, depth = len(bounds), vol.shape[0]
+    owned = [owned_planes(bounds, i, depth) for i in range(n)]
+    has_part = [a < b for a, b in owned]
+    reach = [sections_reached(bounds, owned[i], depth, params) if has_part[i] else range(0) for i in range(n)]
+    thresholds = np.full(depth, np.nan, np.float32)
+    job = (vol.path, vol.voxel_size, bounds)
+    thresholded, submitted, finished = set(), set(), set()
+    next_thr = through = 0                         # parts 0 .. through - 1 are all finished
     with worker_pool(workers, f"a mask worker process was killed (most often out of memory: {workers} workers "
                               "each held one slab of a section); use fewer --workers or more memory") as pool:
-        parts = []
-        for t in pool.map(_mask_thresholds_task, jobs):
-            parts.append(t)
-            advance()
-        thresholds = np.concatenate(parts)
-        for done in pool.map(_mask_section_task, [j + (thresholds,) for j in jobs]):
-            for z0, block in done.blocks:
-                writer.write(z0, block)
-            for z0, med, n in done.stats:
-                stats.set(z0, med, n)
-            advance()
+        running = set()
+        while through < n:
+            limit = max(through + workers + 1, (reach[through][-1] + 1) if has_part[through] else 0)
+            while next_thr < min(n, limit):
+                running.add(pool.submit(_mask_thresholds_task, job + (next_thr, params, scratch)))
+                next_thr += 1
+            for i in range(through, n):
+                if has_part[i] and i not in submitted and all(j in thresholded for j in reach[i]):
+                    running.add(pool.submit(_mask_part_task, job + (i, params, scratch, thresholds,
+                                                                    parts / f"part_{i}.zarr")))
+                    submitted.add(i)
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                kind, i, got = f.result()
+                if kind == "part":
+                    for z0, med, n_px in got:
+                        stats.set(z0, med, n_px)
+                    finished.add(i)
+                else:
+                    z0, z1 = bounds[i]
+                    thresholds[z0:z1] = got
+                    thresholded.add(i)
+                    if not has_part[i]:
+                        finished.add(i)
+                        advance()
+                advance()
+            while through < n and through in finished:
+                through += 1
+    ordered = [parts / f"part_{i}.zarr" for i in range(n) if has_part[i]]
+    if isinstance(writer, OmeZarrWriter):
+        for part in ordered:
+            writer.adopt(part)
+        for part in ordered:                      # level 1 from the parts, in Z order; else commit rebuilds it
+            if not writer.take_level1(part):
+                break
+    else:
+        import zarr
+        for part, (a, b) in zip(ordered, [o for o, h in zip(owned, has_part) if h]):
+            arr = zarr.open_array(str(part / "s0"), mode="r")
+            for c0 in range(a, b, CHUNKS[0]):
+                writer.write(c0, arr[c0:min(b, c0 + CHUNKS[0])])
     return thresholds
 
 
