@@ -85,8 +85,7 @@ def _measure_once(data, path, compressors, chunks, shards, slab):
 
 def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
-    from octn4.io import open_volume
-    from octn4.pipeline import CHUNKS
+    from octn4.io import CHUNKS, open_volume
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stack", type=Path, help="an octn4 synth folder (volume.ome.zarr, truth_bias.ome.zarr)")

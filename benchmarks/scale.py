@@ -10,27 +10,33 @@ In one run, on one stack (``--stack``, e.g. a 4 GiB ``octn4 synth --shape
 2. **octn4 run** (``--from-run DIR`` reuses a finished run's
    ``metrics.json`` instead of running): per-stage seconds, MB/s of input
    per core, and the whole run against the floor.
-3. **A prediction for N nodes** from the measured per-task times and
-   the DAG: ``TISSUE_MASK`` (one task per brain, its sections in the
-   task's cores), ``N4_SECTION`` (one task per section), ``N4_GLOBAL``
-   (gains and global fit), ``APPLY_SECTION`` (one task per section) and
-   ``FINISH`` (one per brain: links and pyramids).  The critical path is
-   ``mask + waves x section + global + waves x apply + finish`` with
-   ``waves = ceil(sections / (N * cores))``, the mask's time taken as
-   measured here on ``--cores`` cores (it runs on one node whatever N is),
-   and a section or apply task's time as its stage's seconds x the workers
-   / sections.  For a 1 TB brain the per-brain stages (mask, the global
-   task's reads, finish) are scaled by voxels and the section count by
-   depth at the same section thickness.  A model, not a measurement: it
-   ignores queueing, staging and file-system contention.
-4. With ``--truth`` (the stack's ``octn4 synth`` folder), the run's
+3. **The mask as the workflow runs it** (``--mask-tasks``): every section's
+   ``MASK_THRESHOLDS`` task, then every ``MASK_SECTION`` task, ``--cores``
+   at a time in worker processes, then ``MASK_FINISH``, each timed (and
+   its peak memory), and the mask they make compared with the run's, every
+   pyramid level, bit for bit.
+4. **A prediction for N nodes** from the measured per-task times and
+   the DAG: the mask's tasks (per section, twice, then a finish per brain),
+   ``N4_SECTION`` (one task per section), ``N4_GLOBAL`` (gains and global
+   fit), ``APPLY_SECTION`` (one task per section) and ``FINISH`` (one per
+   brain: links and pyramids).  The critical path is ``waves x (mask
+   thresholds + mask part) + mask finish + waves x section + global +
+   waves x apply + finish`` with ``waves = ceil(sections / (N * cores))``,
+   the mask tasks' times as measured in 3 (without ``--mask-tasks``, the
+   run's mask stage, on one node whatever N is), and a section or apply
+   task's time as its stage's seconds x the workers / sections.  For a 1 TB
+   brain the per-brain stages (the finishes, the global task's reads) are
+   scaled by voxels and the section count by depth at the same section
+   thickness.  A model, not a measurement: it ignores queueing, staging and
+   file-system contention.
+5. With ``--truth`` (the stack's ``octn4 synth`` folder), the run's
    log-bias error against the known bias, streamed at a pyramid level
    that keeps every plane (``--truth-level``, default 1).
 
 Usage::
 
     python benchmarks/scale.py --stack /work/big/stack/volume.ome.zarr --work /work/big/scale \\
-        --from-run /work/big/out_main --cores 2 --truth /work/big/stack
+        --from-run /work/big/out_main --cores 2 --mask-tasks --truth /work/big/stack
 """
 
 from __future__ import annotations
@@ -50,8 +56,7 @@ import numpy as np
 def io_floor(stack: Path, work: Path) -> dict:
     import zarr
 
-    from octn4.io import open_volume, output_compressors
-    from octn4.pipeline import CHUNKS
+    from octn4.io import CHUNKS, open_volume, output_compressors
 
     vol = open_volume(stack)
     t0 = time.perf_counter()
@@ -120,7 +125,62 @@ def streamed_error(run: Path, stack: Path, level: int = 1) -> dict:
             "worst": float(np.sqrt((q[ok] / n[ok] - 2 * mean * s[ok] / n[ok] + mean ** 2).max()))}
 
 
-def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0) -> float:
+def _mask_task(job):
+    """One of the workflow's per-section mask tasks, in a worker process: ``(kind, index, seconds, peak MiB)``."""
+    import resource
+
+    from octn4 import mask_stage
+    from octn4.mask import MaskParams
+
+    kind, stack, bounds, i, work, params = job
+    thresholds = [work / f"thresholds_{j}" for j in range(len(bounds))]
+    t0 = time.perf_counter()
+    if kind == "thresholds":
+        mask_stage.stage_mask_thresholds_files(stack, bounds, i, thresholds[i], params=MaskParams(**params),
+                                               overwrite=True)
+    else:
+        mask_stage.stage_mask_section_files(stack, bounds, i, thresholds, work / f"part_{i}",
+                                            params=MaskParams(**params), overwrite=True)
+    return kind, i, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mask_tasks(stack: Path, work: Path, bounds, cores: int, run_mask: Path | None) -> dict:
+    """The mask made as the workflow's tasks make it (see the module's docstring), timed; compared with
+    ``run_mask`` (every level) when given."""
+    import zarr
+
+    from octn4 import defaults, mask_stage
+    from octn4.workers import worker_pool
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    params = defaults.MASK.as_dict()
+    out = {"thresholds_s": [0.0] * len(bounds), "part_s": [0.0] * len(bounds), "peak_rss_mib": 0.0}
+    t_start = time.perf_counter()
+    with worker_pool(cores, "a mask task was killed") as pool:
+        for kind in ("thresholds", "part"):
+            jobs = [(kind, stack, bounds, i, work, params) for i in range(len(bounds))]
+            for kind_, i, sec, rss in pool.map(_mask_task, jobs):
+                out[f"{kind_}_s"][i] = sec
+                out["peak_rss_mib"] = max(out["peak_rss_mib"], rss)
+    t0 = time.perf_counter()
+    mask = work / "mask.ome.zarr"
+    mask_stage.stage_mask_finish_files(stack, bounds, [work / f"thresholds_{i}" for i in range(len(bounds))],
+                                       [work / f"part_{i}" for i in range(len(bounds))], mask,
+                                       params=defaults.MASK, attrs={})
+    out["finish_s"] = time.perf_counter() - t0
+    out["wall_s"] = time.perf_counter() - t_start
+    if run_mask is not None:
+        ours, theirs = (zarr.open_group(str(m), mode="r") for m in (mask, run_mask))
+        levels = sorted(theirs.array_keys())
+        out["equal_to_run"] = sorted(ours.array_keys()) == levels and all(
+            np.array_equal(ours[k][...], theirs[k][...]) for k in levels)
+    shutil.rmtree(work)
+    return out
+
+
+def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0, mask: dict | None = None) -> float:
     """Critical path of the DAG on ``nodes`` nodes of ``cores`` cores (see the module's docstring)."""
     t = metrics["timings_s"]
     n = len(metrics["sections"])
@@ -128,7 +188,12 @@ def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0) ->
     n_scaled = math.ceil(n * scale_voxels)            # the same section thickness: sections grow with depth
     waves = math.ceil(n_scaled / (nodes * cores))      # one section (or apply) task per core
     per_task = (t["sections"] + t["apply"]) * workers / n
-    per_brain = (t["validate"] + t["mask"] + t.get("gains", 0.0) + t["global_fit"] + t.get("finish", 0.0))
+    per_brain = t.get("gains", 0.0) + t["global_fit"] + t.get("finish", 0.0)
+    if mask is None:                                   # the run's mask stage: one node
+        per_brain += t["validate"] + t["mask"]
+    else:
+        per_task += float(np.mean(mask["thresholds_s"]) + np.mean(mask["part_s"]))
+        per_brain += mask["finish_s"]
     return per_brain * scale_voxels + waves * per_task
 
 
@@ -140,6 +205,8 @@ def main(argv=None):
     p.add_argument("--from-run", type=Path, help="a finished octn4 run folder (else octn4 run is run here)")
     p.add_argument("--cores", type=int, default=2, help="cores the run used (its --workers)")
     p.add_argument("--sections", type=int, default=8)
+    p.add_argument("--mask-tasks", action="store_true",
+                   help="also make the mask as the workflow's per-section tasks do, timed (the prediction uses them)")
     p.add_argument("--truth", type=Path, help="the octn4 synth folder of --stack: also the run's log-bias error")
     p.add_argument("--truth-level", type=int, default=1, help="pyramid level the error is taken at (default 1)")
     p.add_argument("--json", type=Path)
@@ -157,11 +224,21 @@ def main(argv=None):
     stages = {k: v for k, v in t.items() if k != "total"}
     for k, v in stages.items():
         print(f"  {k:>10} {v:8.1f} s   {mb / v / a.cores:8.1f} MB/s per core")
+    mask = None
+    if a.mask_tasks:
+        run_dir = a.from_run or a.work / "run"
+        bounds = [(r["z_start"], r["z_stop"]) for r in json.loads((run_dir / "fields.json").read_text())["sections"]]
+        run_mask = run_dir / "mask.ome.zarr"
+        mask = mask_tasks(a.stack, a.work / "mask_tasks", bounds, a.cores, run_mask if run_mask.exists() else None)
+        print(f"  mask as workflow tasks on {a.cores} cores: {mask['wall_s']:.1f} s (thresholds tasks "
+              f"{np.mean(mask['thresholds_s']):.1f} s, part tasks {np.mean(mask['part_s']):.1f} s on average, "
+              f"finish {mask['finish_s']:.1f} s; peak RSS per task {mask['peak_rss_mib']:.0f} MiB); the run's mask "
+              f"bit for bit: {mask.get('equal_to_run')}", flush=True)
     rows = []
     brain = 2 ** 40 / (floor["gib"] * 2 ** 30)             # a 1 TB float32 brain, in units of this stack
     for nodes in (1, 8, 64):
-        rows.append({"nodes": nodes, "this_stack_s": predict(metrics, a.cores, nodes),
-                     "brain_1tb_h": predict(metrics, a.cores, nodes, brain) / 3600})
+        rows.append({"nodes": nodes, "this_stack_s": predict(metrics, a.cores, nodes, mask=mask),
+                     "brain_1tb_h": predict(metrics, a.cores, nodes, brain, mask=mask) / 3600})
         print(f"  predicted on {nodes:>2} node(s) of {a.cores} cores: this stack {rows[-1]['this_stack_s']:8.1f} s, "
               f"a 1 TB brain {rows[-1]['brain_1tb_h']:8.1f} h", flush=True)
     error = None
@@ -171,7 +248,8 @@ def main(argv=None):
               f"(between sections {error['between']:.4f}, worst section {error['worst']:.4f})")
     if a.json:
         a.json.write_text(json.dumps({"floor": floor, "timings_s": t, "peak_rss_mib": metrics.get("peak_rss_mib"),
-                                      "cores": a.cores, "prediction": rows, "error": error}, indent=1))
+                                      "cores": a.cores, "mask_tasks": mask, "prediction": rows,
+                                      "error": error}, indent=1))
 
 
 if __name__ == "__main__":

@@ -55,13 +55,14 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/octn4-io"))
     a = p.parse_args(argv)
     shutil.rmtree(a.work, ignore_errors=True)
+    from octn4 import defaults, pipeline
     from octn4.cli import main as octn4
 
     octn4(["synth", str(a.work / "stack"), "--shape", a.shape, "--sections", str(a.sections), "-q"])
     vol = a.work / "stack" / "volume.ome.zarr"
     mask = a.work / "mask.ome.zarr"
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bin" / "octn4_mask.py"),
-                    str(vol), str(mask), "--sections", str(a.sections), "-q"], check=True)
+    v = pipeline.open_input(vol)
+    pipeline.stage_mask(v, pipeline.volume_sections(v, n_sections=a.sections), mask, params=defaults.MASK, attrs={})
     total = disk_bytes(vol / "s0") + disk_bytes(mask / "s0")
     print(f"volume {a.shape}, {a.sections} sections; level-0 data on disk: volume {disk_bytes(vol / 's0'):,} B, "
           f"mask {disk_bytes(mask / 's0'):,} B")

@@ -178,8 +178,19 @@ def test_integer_input_is_accepted_and_input_is_untouched(tmp_path):
     img.header.set_xyzt_units("mm")
     nib.save(img, str(tmp_path / "u.nii.gz"))
     before = (tmp_path / "u.nii.gz").read_bytes()
-    r = subprocess.run([sys.executable, str(BIN / "octn4_mask.py"), str(tmp_path / "u.nii.gz"),
-                        str(tmp_path / "m.ome.zarr"), "--sections", "3", "-q"], capture_output=True, text=True)
+    inp = str(tmp_path / "u.nii.gz")
+    for i in range(3):
+        r = subprocess.run([sys.executable, str(BIN / "octn4_mask_thresholds.py"), inp, str(tmp_path / f"t{i}"),
+                            "--index", str(i), "--sections", "3", "-q"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    thresholds = [str(tmp_path / f"t{i}") for i in range(3)]
+    for i in range(3):
+        r = subprocess.run([sys.executable, str(BIN / "octn4_mask_section.py"), inp, str(tmp_path / f"p{i}"),
+                            *thresholds, "--index", str(i), "--sections", "3", "-q"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, str(BIN / "octn4_mask_finish.py"), inp, str(tmp_path / "m.ome.zarr"),
+                        "--thresholds", *thresholds, "--parts", *(str(tmp_path / f"p{i}") for i in range(3)),
+                        "--sections", "3", "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="r")["s0"][:].sum() > 0
     assert (tmp_path / "u.nii.gz").read_bytes() == before
@@ -212,10 +223,10 @@ def test_a_section_of_one_plane_is_refused_before_any_work(tmp_path, capsys):
     assert rc == 2 and err == [f"octn4: error: {inp}: section 1 would have 1 plane; N4 needs at least 2 planes per "
                                "section (1 section too thin): give fewer sections (at most 6 for 12 planes) or "
                                "other --planes"]
-    r = subprocess.run([sys.executable, str(BIN / "octn4_mask.py"), str(inp), str(tmp_path / "m.ome.zarr"),
-                        "--planes", "5,1,6", "-q"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(BIN / "octn4_mask_thresholds.py"), str(inp), str(tmp_path / "t0"),
+                        "--index", "0", "--planes", "5,1,6", "-q"], capture_output=True, text=True)
     assert r.returncode == 2 and "section 1 would have 1 plane" in r.stderr
-    assert not (tmp_path / "m.ome.zarr").exists() and not out.exists()
+    assert not (tmp_path / "t0").exists() and not out.exists()
 
 
 def test_sections_of_two_planes_run_and_say_what_was_not_measured(tmp_path, capsys):
@@ -323,3 +334,52 @@ def test_the_readme_table_lists_the_cases_the_suite_tries():
     for problem in re.findall(r'assert_rejected\(tmp_path, capsys, [^,]+, "([^"]+)"', tests):
         assert any(problem.startswith(f) or f in problem
                    for f in re.findall(r"`([^`]+)`", listed)), f"rejected but not in the README table: {problem!r}"
+
+
+def test_the_mask_tasks_refuse_bad_input_where_they_can_see_it(tmp_path):
+    """The workflow's mask tasks: a NaN is refused by the thresholds task that scans its slab, naming the
+    planes; what only the whole volume shows (log-scaled values), by the finishing task, as octn4 run refuses
+    it; a mask task without its neighbours' thresholds, or with thresholds made for another layout or other
+    mask parameters, says so.  Nothing is left behind."""
+    from octn4.errors import InputError
+    from octn4.mask import MaskParams
+    from octn4.mask_stage import (
+        stage_mask_finish_files,
+        stage_mask_section_files,
+        stage_mask_thresholds_files,
+    )
+
+    data = good((24, 40, 40))
+    data[20, 5, 5] = np.nan
+    inp = ome(tmp_path / "nan.ome.zarr", data)
+    bounds, params = [(0, 10), (10, 18), (18, 24)], MaskParams()
+    stage_mask_thresholds_files(inp, bounds, 0, tmp_path / "t0", params=params)
+    stage_mask_thresholds_files(inp, bounds, 2, tmp_path / "t2", params=params)   # plane 20: section 1's slab
+    with pytest.raises(InputError, match=r": planes 16\.\.24 \(scanned by section 1's thresholds task\): volume "
+                                         "contains 1 NaN/Inf") as e:
+        stage_mask_thresholds_files(inp, bounds, 1, tmp_path / "t1", params=params)
+    assert str(e.value.path) == str(inp) and not (tmp_path / "t1").exists()
+
+    logged = ome(tmp_path / "db.ome.zarr", 10 * np.log10(good((24, 40, 40)) + 1) + 30)
+    thr = [tmp_path / f"d{i}" for i in range(3)]
+    for i in range(3):
+        stage_mask_thresholds_files(logged, bounds, i, thr[i], params=params)
+    parts = [tmp_path / f"p{i}" for i in range(3)]
+    for i in range(3):
+        stage_mask_section_files(logged, bounds, i, thr, parts[i], params=params)
+    with pytest.raises(InputError, match="intensities look log-scaled") as e:
+        stage_mask_finish_files(logged, bounds, thr, parts, tmp_path / "m.ome.zarr", params=params, attrs={})
+    assert str(e.value.path) == str(logged) and not (tmp_path / "m.ome.zarr").exists()
+    stage_mask_finish_files(logged, bounds, thr, parts, tmp_path / "m.ome.zarr", params=params, attrs={},
+                            check_log_scale=False)
+
+    with pytest.raises(InputError, match=r"thresholds missing for sections \[2\]"):
+        stage_mask_section_files(logged, bounds, 1, thr[:2], tmp_path / "x", params=params)
+    with pytest.raises(InputError, match="thresholds made with mask parameters"):
+        stage_mask_section_files(logged, bounds, 1, thr, tmp_path / "x", params=MaskParams(smoothing_sigma=1.5))
+    with pytest.raises(InputError, match="thresholds made for sections"):
+        stage_mask_section_files(logged, [(0, 12), (12, 24)], 1, thr, tmp_path / "x", params=params)
+    with pytest.raises(InputError, match=r"parts missing for sections \[1\]"):
+        stage_mask_finish_files(logged, bounds, thr, [parts[0], parts[2]], tmp_path / "m2.ome.zarr", params=params,
+                                attrs={}, check_log_scale=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m2.ome.zarr").exists()

@@ -109,8 +109,8 @@ def test_lint_catches_planted_errors(jar, copy):
 def test_contract_holds(project):
     problems = contract_problems(project)
     assert not problems, "\n".join(problems)
-    assert set(project.processes) == {"TISSUE_MASK", "N4_SECTION", "ASSEMBLE", "N4_GLOBAL", "APPLY_SECTION", "FINISH",
-                                      "REPORT"}
+    assert set(project.processes) == {"MASK_THRESHOLDS", "MASK_SECTION", "MASK_FINISH", "N4_SECTION", "ASSEMBLE",
+                                      "N4_GLOBAL", "APPLY_SECTION", "FINISH", "REPORT"}
 
 
 PLANTED = {
@@ -175,14 +175,16 @@ def read(path):
 
 
 def test_script_blocks_in_workflow_order_reproduce_octn4_run(project, tiny_stack, tmp_path):
-    """-profile test's parameters; sections fitted out of order; the apply tasks run at once, in another
-    order, on sections that do not fall on the outputs' 8-plane chunk rows (section 0's part reaches into
-    section 1, section 1's part owns no row); the result is octn4 run's, bit for bit, pyramid included."""
+    """-profile test's parameters; sections thresholded, masked and fitted out of order; the mask part tasks
+    run at once, and so do the apply tasks, in another order, on sections that do not fall on the outputs'
+    8-plane chunk rows (section 0's part reaches into section 1, section 1's part owns no row); the result is
+    octn4 run's, bit for bit, pyramids and the mask included."""
     import json
 
     import zarr
 
     from octn4.cli import main
+    from octn4.io import read_attrs
 
     params = project.params("conf/test.config")
     meta = dict(META, sections=None, planes="10,6,8")
@@ -200,7 +202,17 @@ def test_script_blocks_in_workflow_order_reproduce_octn4_run(project, tiny_stack
         for level in levels:
             np.testing.assert_array_equal(zarr.open_array(str(out["results"] / name / level), mode="r")[:],
                                           zarr.open_array(str(tmp_path / "run" / name / level), mode="r")[:])
-    np.testing.assert_array_equal(read(out["mask"]), read(tmp_path / "run" / "mask.ome.zarr"))
+    mask_parts = [json.loads(p.read_text())
+                  for p in (tmp_path / "work").glob("*_MASK_SECTION_*/brain01.mask_part_*/part.json")]
+    assert [p["planes"] for p in sorted(mask_parts, key=lambda p: p["index"])] == [[0, 16], [16, 16], [16, 24]]
+    levels = sorted(p.name for p in (tmp_path / "run" / "mask.ome.zarr").glob("s*"))
+    assert levels == sorted(p.name for p in out["mask"].glob("s*"))
+    for level in levels:                      # the mask tasks' parts give octn4 run's mask, every level
+        np.testing.assert_array_equal(zarr.open_array(str(out["mask"] / level), mode="r")[:],
+                                      zarr.open_array(str(tmp_path / "run" / "mask.ome.zarr" / level), mode="r")[:])
+    ours, theirs = (read_attrs(m) for m in (out["mask"], tmp_path / "run" / "mask.ome.zarr"))
+    for key in ("plane_thresholds", "plane_log_median", "plane_tissue_pixels"):
+        assert ours[key] == theirs[key], key
     ours, theirs = (json.loads((d / "fields.json").read_text()) for d in (out["results"], tmp_path / "run"))
     assert ours == theirs
     assert (out["report"] / "report.html").read_text().count("brain01") >= 2

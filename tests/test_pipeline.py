@@ -103,6 +103,17 @@ def test_metrics_report_sections_before_and_after(result):
     assert abs(sum(f["gain_log"] for f in fields["sections"])) < 1.0
 
 
+def mask_bin(call, tmp_path, inp, mask, layout, order=(0, 1, 2)):
+    """The mask's three bin scripts, as the workflow chains them (thresholds, parts, finish; 3 sections)."""
+    thr = [str(tmp_path / f"thr{i}") for i in range(3)]
+    parts = [str(tmp_path / f"mpart{i}") for i in range(3)]
+    for i in order:
+        call("octn4_mask_thresholds.py", inp, thr[i], "--index", str(i), *layout)
+    for i in order:
+        call("octn4_mask_section.py", inp, parts[i], *thr, "--index", str(i), *layout)
+    call("octn4_mask_finish.py", inp, mask, "--thresholds", *thr, "--parts", *parts, *layout)
+
+
 def test_bin_scripts_in_workflow_order_reproduce_run(small_stack, tmp_path):
     """The per-process scripts, chained as the workflow chains them, give octn4 run's result."""
     import subprocess
@@ -117,7 +128,7 @@ def test_bin_scripts_in_workflow_order_reproduce_run(small_stack, tmp_path):
         assert r.returncode == 0, r.stderr
 
     assert main(["run", inp, str(tmp_path / "run"), "--sections", "3", *FAST]) == 0
-    call("octn4_mask.py", inp, str(tmp_path / "mask.ome.zarr"), "--sections", "3")
+    mask_bin(call, tmp_path, inp, str(tmp_path / "mask.ome.zarr"), ["--sections", "3"], order=(1, 2, 0))
     for i in (2, 0, 1):   # arrival order must not matter
         call("octn4_section.py", inp, str(tmp_path / "mask.ome.zarr"), str(tmp_path / f"s{i}.json"),
              "--index", str(i), "--sections", "3", "--iterations", "10,10")
@@ -234,7 +245,7 @@ def test_workflow_stages_record_the_parameters_they_ran_with(small_stack, tmp_pa
         assert r.returncode == 0, r.stderr
 
     mask = str(tmp_path / "mask.ome.zarr")
-    call("octn4_mask.py", inp, mask, "--planes", "14,18,16", *mask_opts)
+    mask_bin(call, tmp_path, inp, mask, ["--planes", "14,18,16", *mask_opts])
     for i in range(3):
         call("octn4_section.py", inp, mask, str(tmp_path / f"s{i}.json"), "--index", str(i), "--planes", "14,18,16",
              *section_opts)
@@ -255,7 +266,7 @@ def test_workflow_stages_record_the_parameters_they_ran_with(small_stack, tmp_pa
     attrs = read_attrs(tmp_path / "out" / "corrected.ome.zarr")
     assert attrs["parameters"]["mask"]["smoothing_sigma"] == 1.5
     assert [s["command"][0] for s in attrs["stages"]["sections"]] == ["octn4_section.py"] * 3
-    assert attrs["stages"]["mask"]["command"][0] == "octn4_mask.py"
+    assert attrs["stages"]["mask"]["command"][0] == "octn4_mask_finish.py"
 
 
 def test_apply_tiles_are_whole_output_shards_and_whole_input_chunks_where_memory_allows():
@@ -301,9 +312,35 @@ def test_the_mask_stage_in_parallel_gives_the_serial_mask(tmp_path, method, plan
     assert got[1][2] == got[pool][2] and got[1][1][0].any() and not got[1][1][0].all()
     np.testing.assert_array_equal(got[1][1][0], tissue_mask(vol.read(0, vol.shape[0]), bounds, params=params))
     if pool == 3:                                                   # parts streamed into a NIfTI mask
-        from octn4.io import open_volume
         stage_mask(vol, bounds, tmp_path / "m.nii.gz", params=params, attrs={}, workers=pool)
         np.testing.assert_array_equal(open_volume(tmp_path / "m.nii.gz").read(0, vol.shape[0]), got[1][1][0])
+
+    # the same stage as workflow tasks (thresholds, mask part per section, in shuffled order, then the finish):
+    # nothing kept between tasks, so each mask task reads and smooths again; the same mask, levels and attributes
+    from octn4 import mask_stage
+
+    order = np.random.default_rng(len(planes)).permutation(len(bounds)).tolist()
+    thr_dirs = [tmp_path / "dag" / f"thr_{i}" for i in range(len(bounds))]
+    part_dirs = [tmp_path / "dag" / f"part_{i}" for i in range(len(bounds))]
+    for i in order:
+        mask_stage.stage_mask_thresholds_files(vol.path, bounds, i, thr_dirs[i], params=params)
+    for i in order:
+        neighbours = [thr_dirs[j] for j in order if abs(j - i) <= 2 or len(planes) == 5]
+        mask_stage.stage_mask_section_files(vol.path, bounds, i, neighbours, part_dirs[i], params=params)
+    for name in ("dag.ome.zarr", "dag.nii.gz"):
+        out = tmp_path / name
+        thr = mask_stage.stage_mask_finish_files(vol.path, bounds, [thr_dirs[i] for i in order],
+                                                 [part_dirs[i] for i in order], out, params=params, attrs={})
+        np.testing.assert_array_equal(thr, got[1][0])
+        if name.endswith(".nii.gz"):
+            np.testing.assert_array_equal(open_volume(out).read(0, vol.shape[0]), got[1][1][0])
+            continue
+        g = zarr.open_group(str(out))
+        levels = [np.asarray(g[k][...]) for k in sorted(g.array_keys())]
+        assert len(levels) == len(got[1][1])
+        for a, b in zip(levels, got[1][1]):
+            np.testing.assert_array_equal(a, b)
+        assert dict(g.attrs["octn4"]) == got[1][2]
 
 
 def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, demo_stack, tmp_path):
@@ -335,3 +372,14 @@ def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, 
     t = res["timings_s"]
     assert one >= eight >= many >= t["mask"] + t["finish"]
     assert one == pytest.approx(t["total"], rel=0.05)
+    # the mask as the workflow's tasks make it: timed per task, the run's mask bit for bit, and in the prediction
+    scale.main(["--stack", str(demo_stack / "volume.ome.zarr"), "--work", str(tmp_path / "w"), "--from-run",
+                str(result), "--cores", "2", "--json", str(out), "--mask-tasks"])
+    res = json.loads(out.read_text())
+    m = res["mask_tasks"]
+    assert m["equal_to_run"] is True and len(m["thresholds_s"]) == len(m["part_s"]) == len(bounds)
+    assert min(m["thresholds_s"] + m["part_s"]) > 0 and m["finish_s"] > 0 and m["peak_rss_mib"] > 0
+    assert not (tmp_path / "w" / "mask_tasks").exists()
+    one, eight, many = (r["this_stack_s"] for r in res["prediction"])
+    waves_of_one = np.mean(m["thresholds_s"]) + np.mean(m["part_s"])   # the mask tasks, per section, at least once
+    assert one >= eight >= many >= m["finish_s"] + t["finish"] + waves_of_one

@@ -21,7 +21,7 @@ FAST = ["--sections", "3", "--iterations", "6,6", "--global-iterations", "6", "-
 #: Runs ``octn4 run`` and SIGKILLs it at a point: no handler, no cleanup, as the OOM killer or a scheduler does.
 KILLER = r'''
 import os, signal, sys
-import octn4.io as io, octn4.pipeline as pipeline
+import octn4.io as io, octn4.mask_stage as mask_stage, octn4.pipeline as pipeline
 point, argv = sys.argv[1], sys.argv[2:]
 write = io.OmeZarrWriter.write
 calls = []
@@ -64,14 +64,14 @@ def killing_task(args):
     return task(args)
 
 pipeline._section_task = killing_task
-mask_task = pipeline._mask_part_task
+mask_task = mask_stage._mask_part_task
 
 def killing_mask_task(job):
     if point == "mask-worker" and job[3] == 1:  # with --workers 2 a worker process masks section 1
         die()
     return mask_task(job)
 
-pipeline._mask_part_task = killing_mask_task
+mask_stage._mask_part_task = killing_mask_task
 if __name__ == "__main__":                     # not in spawned workers, which import this file too
     from octn4.cli import main
     sys.exit(main(argv))

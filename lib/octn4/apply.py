@@ -38,7 +38,7 @@ import numpy as np
 
 from .bspline import BSplineField
 from .errors import InputError
-from .io import CHUNKS, PartWriter, Volume, atomic_dir, create_writer, part_files, read_attrs, write_json
+from .io import CHUNKS, PartWriter, Volume, atomic_dir, create_writer, part_files, read_attrs, take_parts, write_json
 from .metrics import PlaneStats, boundary_steps, section_summary
 from .progress import progress
 
@@ -168,7 +168,8 @@ def apply_part(vol: Volume, msk: Volume, solution: dict, index: int, out_dir, *,
     return part
 
 
-def _read_part(path, n_sections: int) -> dict:
+def read_part(path, n_sections: int) -> dict:
+    """The ``part.json`` of an output part (an apply task's or a mask task's), with its ``path``; checked."""
     try:
         part = json.loads((Path(path) / "part.json").read_text())
         index = int(part["index"])
@@ -181,11 +182,11 @@ def _read_part(path, n_sections: int) -> dict:
     return part
 
 
-def _ordered_parts(paths, bounds, depth: int) -> list[dict]:
+def ordered_parts(paths, bounds, depth: int) -> list[dict]:
     """The parts by section index, checked: one per section, each owning the planes the layout gives it."""
     parts = {}
     for p in paths:
-        part = _read_part(p, len(bounds))
+        part = read_part(p, len(bounds))
         if part["index"] in parts:
             raise InputError(f"section {part['index']}'s part was given twice", p)
         expected = list(owned_planes(bounds, part["index"], depth))
@@ -202,25 +203,10 @@ def _ordered_parts(paths, bounds, depth: int) -> list[dict]:
 def _assemble(name: str, parts, outdir: Path, vol: Volume, attrs: dict, output_format: str) -> int:
     """Output ``name`` from the parts: shards adopted by link (OME-Zarr), or streamed in Z order (NIfTI).
     Returns the number of files linked or copied (0 for NIfTI)."""
-    import zarr
-
     ext = ".nii.gz" if output_format == "nifti" else ".ome.zarr"
-    taken = 0
     with create_writer(outdir / f"{name}{ext}", vol.shape, vol.voxel_size, attrs=dict(attrs, output=name),
                        chunks=CHUNKS, overwrite=True, affine=vol.affine) as w:
-        for part in parts:
-            src = part["path"] / f"{name}.zarr"
-            if output_format == "nifti":
-                arr = zarr.open_array(str(src / "s0"), mode="r")
-                z0, z1 = part["planes"]
-                for a in range(z0, z1, CHUNKS[0]):
-                    w.write(a, arr[a:min(z1, a + CHUNKS[0])])
-            else:
-                taken += w.adopt(src)
-        if output_format != "nifti":   # level 1 from the parts' own (in Z order), the coarser levels from memory
-            for part in parts:
-                if not w.take_level1(part["path"] / f"{name}.zarr"):
-                    break                   # a part without it: commit rebuilds the pyramid from level 0
+        taken = take_parts(w, [(part["path"] / f"{name}.zarr", part["planes"]) for part in parts])
         w.commit()
     return taken
 
@@ -256,7 +242,7 @@ def finish(vol: Volume, msk: Volume, solution: dict, part_paths, outdir, *, outp
     _check_geometry(vol, solution, vol.path)
     records = solution["sections"]
     bounds = [(r["z_start"], r["z_stop"]) for r in records]
-    parts = _ordered_parts(part_paths, bounds, vol.shape[0])
+    parts = ordered_parts(part_paths, bounds, vol.shape[0])
     for part in parts:                   # every part checked before any output is made
         for name in PART_OUTPUTS:
             part_files(part["path"] / f"{name}.zarr", CHUNKS[0])

@@ -102,6 +102,28 @@ def mask_params(a) -> MaskParams:
                       method=a.mask_method)
 
 
+def add_mask_task_args(p: argparse.ArgumentParser, *, log_scale_check: bool = False) -> None:
+    """What every mask task of the workflow takes: the section layout, the voxel size (and, for the task
+    that validates, ``--skip-log-scale-check``), the mask options and the common ones."""
+    add_section_args(p)
+    (add_input_args if log_scale_check else add_voxel_size_arg)(p)
+    add_mask_args(p)
+    add_common_args(p)
+
+
+def section_layout(a) -> list[tuple[int, int]]:
+    """The section bounds of ``a.input`` from ``--sections`` or ``--planes`` (its depth read from its
+    metadata; errors name the file)."""
+    from .io import open_volume
+    from .sections import section_bounds
+
+    vol = open_volume(a.input, voxel_size=a.voxel_size)
+    try:
+        return section_bounds(vol.shape[0], n_sections=a.sections, planes=a.planes)
+    except InputError as exc:
+        raise InputError(exc.problem, vol.path) from None
+
+
 def add_n4_args(p: argparse.ArgumentParser, prefix: str = "", *, title="N4") -> None:
     """N4 options; ``prefix`` ('global-') distinguishes the global pass's options (and its defaults)."""
     d = defaults.GLOBAL_N4 if prefix else defaults.SECTION_N4

@@ -419,7 +419,7 @@ def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
 
 
 @dataclass
-class _ScanPart:
+class ScanPart:
     """What one run of planes contributes to a :class:`ScanResult`."""
 
     crc: int = 0
@@ -432,8 +432,8 @@ class _ScanPart:
     picks: list = field(default_factory=list)    # samples of positive values, one array per slab
 
 
-def _scan_planes(vol: Volume, z0: int, z1: int, slab: int, per_slab: int) -> _ScanPart:
-    part = _ScanPart()
+def _scan_planes(vol: Volume, z0: int, z1: int, slab: int, per_slab: int) -> ScanPart:
+    part = ScanPart()
     for c0 in range(z0, z1, slab):
         a = np.ascontiguousarray(vol.read(c0, min(z1, c0 + slab)))
         part.crc = zlib.crc32(a, part.crc)
@@ -454,9 +454,62 @@ def _scan_planes(vol: Volume, z0: int, z1: int, slab: int, per_slab: int) -> _Sc
     return part
 
 
-def _scan_task(job) -> _ScanPart:
+def _scan_task(job) -> ScanPart:
     path, voxel_size, z0, z1, slab, per_slab = job
     return _scan_planes(open_volume(path, voxel_size=voxel_size), z0, z1, slab, per_slab)
+
+
+def scan_plan(vol: Volume, *, slab: int = 16, sample: int = 2_000_000) -> tuple[int, int]:
+    """``(slab, per_slab)`` of a scan of ``vol``: the slab grid (whole input chunks) and the positive
+    values sampled from each slab, the same for every caller so that any split of the volume agrees."""
+    z_total = vol.shape[0]
+    slab = max(1, slab // vol.chunk_planes * vol.chunk_planes) if vol.chunk_planes <= slab else vol.chunk_planes
+    return slab, max(1000, sample * slab // max(z_total, 1))
+
+
+def scan_rows(vol: Volume, z0: int, z1: int, *, slab: int = 16, sample: int = 2_000_000) -> ScanPart:
+    """The scan of the slabs (of :func:`scan_plan`'s grid) that start in planes ``[z0, z1)``: a section's
+    share of :func:`scan_volume`, so the sections of a volume scanned apart and combined in Z order
+    (:func:`combine_scan`) give its result exactly."""
+    slab, per_slab = scan_plan(vol, slab=slab, sample=sample)
+    a, b = scanned_planes(vol, z0, z1, slab=slab)
+    return _scan_planes(vol, a, b, slab, per_slab) if a < b else ScanPart()
+
+
+def scanned_planes(vol: Volume, z0: int, z1: int, *, slab: int = 16) -> tuple[int, int]:
+    """The planes :func:`scan_rows` reads for ``[z0, z1)``: the slabs that start there, whole."""
+    slab, _ = scan_plan(vol, slab=slab)
+    return -(-z0 // slab) * slab, min(vol.shape[0], -(-z1 // slab) * slab)
+
+
+def scan_part_dict(part: ScanPart) -> dict:
+    """A :class:`ScanPart`'s counts as JSON (its samples travel apart, as an array)."""
+    return {"crc": part.crc, "nbytes": part.nbytes, "nonfinite": part.nonfinite, "negative": part.negative,
+            "positive": part.positive,
+            "minimum": part.minimum if math.isfinite(part.minimum) else None,
+            "maximum": part.maximum if math.isfinite(part.maximum) else None}
+
+
+def scan_part_from(d: dict, picks) -> ScanPart:
+    """The :class:`ScanPart` that :func:`scan_part_dict` wrote, with its samples ``picks``."""
+    return ScanPart(int(d["crc"]), int(d["nbytes"]),
+                     math.inf if d["minimum"] is None else float(d["minimum"]),
+                     -math.inf if d["maximum"] is None else float(d["maximum"]),
+                     int(d["nonfinite"]), int(d["negative"]), int(d["positive"]),
+                     [np.asarray(picks)] if len(picks) else [])
+
+
+def combine_scan(vol: Volume, parts) -> ScanResult:
+    """The :class:`ScanResult` of ``vol`` from the scans of its runs of planes, given in Z order."""
+    crc = zlib.crc32(repr(tuple(vol.shape)).encode())
+    for part in parts:
+        crc = crc32_combine(crc, part.crc, part.nbytes)
+    picks = [p for part in parts for p in part.picks]
+    pool = np.concatenate(picks) if picks else np.zeros(0, np.float32)
+    p001, p999 = (np.percentile(pool, [0.1, 99.9]) if pool.size else (np.nan, np.nan))
+    return ScanResult(min(p.minimum for p in parts), max(p.maximum for p in parts),
+                      sum(p.nonfinite for p in parts), sum(p.negative for p in parts),
+                      sum(p.positive for p in parts), float(p001), float(p999), f"crc32:{crc:08x}")
 
 
 def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000, workers: int = 1) -> ScanResult:
@@ -467,8 +520,7 @@ def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000, workers
     result as one process.
     """
     z_total = vol.shape[0]
-    slab = max(1, slab // vol.chunk_planes * vol.chunk_planes) if vol.chunk_planes <= slab else vol.chunk_planes
-    per_slab = max(1000, sample * slab // max(z_total, 1))
+    slab, per_slab = scan_plan(vol, slab=slab, sample=sample)
     starts = list(range(0, z_total, slab))
     workers = max(1, min(workers, len(starts))) if vol.format != "nifti" else 1
     if workers == 1:
@@ -481,15 +533,7 @@ def scan_volume(vol: Volume, *, slab: int = 16, sample: int = 2_000_000, workers
                                   f"{workers} workers each held {slab} planes); use fewer --workers or more "
                                   "memory") as pool:
             parts = list(pool.map(_scan_task, jobs))
-    crc = zlib.crc32(repr(tuple(vol.shape)).encode())
-    for part in parts:
-        crc = crc32_combine(crc, part.crc, part.nbytes)
-    picks = [p for part in parts for p in part.picks]
-    pool = np.concatenate(picks) if picks else np.zeros(0, np.float32)
-    p001, p999 = (np.percentile(pool, [0.1, 99.9]) if pool.size else (np.nan, np.nan))
-    return ScanResult(min(p.minimum for p in parts), max(p.maximum for p in parts),
-                      sum(p.nonfinite for p in parts), sum(p.negative for p in parts),
-                      sum(p.positive for p in parts), float(p001), float(p999), f"crc32:{crc:08x}")
+    return combine_scan(vol, parts)
 
 
 #: Linear OCT intensity spans decades (speckle alone spans >10x between its
@@ -1047,6 +1091,29 @@ def create_writer(path, shape, voxel_size, **kwargs):
         return NiftiWriter(path, shape, voxel_size, **kwargs)
     kwargs.pop("affine", None)
     return OmeZarrWriter(path, shape, voxel_size, **kwargs)
+
+
+def take_parts(writer, parts) -> int:
+    """Take the :class:`PartWriter` stores ``parts`` (``(store, (z0, z1))``, in Z order, together the whole
+    volume) into ``writer``: an :class:`OmeZarrWriter` adopts their shards by link and builds its pyramid
+    from their level 1 (or, where a part kept none, from level 0 at commit); a :class:`NiftiWriter` gets
+    their planes streamed in Z order.  Returns the number of files linked or copied (0 for NIfTI)."""
+    import zarr
+
+    taken = 0
+    if not isinstance(writer, OmeZarrWriter):
+        for store, (z0, z1) in parts:
+            arr = zarr.open_array(str(Path(store) / "s0"), mode="r")
+            step = max(1, arr.chunks[0])
+            for a in range(z0, z1, step):
+                writer.write(a, arr[a:min(z1, a + step)])
+        return taken
+    for store, _ in parts:
+        taken += writer.adopt(store)
+    for store, _ in parts:
+        if not writer.take_level1(store):
+            break                       # a part without it: commit rebuilds the pyramid from level 0
+    return taken
 
 
 def read_attrs(path) -> dict:

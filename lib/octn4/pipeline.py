@@ -35,10 +35,7 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
-import zlib
-from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,7 +49,6 @@ from .apply import (
     apply_part,
     finish,
     mask_plane_thresholds,
-    owned_planes,
     peak_rss_mib,
     read_solution,
     section_fields,
@@ -60,7 +56,7 @@ from .apply import (
     tile_planes_for,
 )
 from .bspline import shrink_grid
-from .depth import fit_depth_profiles, plane_log_medians
+from .depth import fit_depth_profiles
 from .errors import InputError
 from .gains import (
     GainParams,
@@ -73,13 +69,9 @@ from .gains import (
     touching_step,
 )
 from .io import (
-    CHUNKS,
     ForwardReader,
-    OmeZarrWriter,
-    PartWriter,
     Volume,
     atomic_dir,
-    create_writer,
     open_volume,
     replace_path,
     scan_volume,
@@ -87,14 +79,10 @@ from .io import (
     write_json,
 )
 from .mask import (
-    KeptSection,
     MaskParams,
     above_in_plane,
-    section_plane_thresholds,
-    sections_reached,
-    write_section_mask,
-    write_tissue_mask,
 )
+from .mask_stage import copy_mask, stage_mask
 from .n4 import ENGINES, FitResult, N4Params, choose_device, fit_bias, fit_bias_batch, shrink_factors
 from .progress import progress
 from .sections import section_bounds
@@ -258,182 +246,6 @@ def _open_mask(path, vol: Volume) -> Volume:
     if m.shape != vol.shape:
         raise InputError(f"mask shape {m.shape} does not match the volume shape {vol.shape}", path)
     return m
-
-
-class _PlaneStatsRecorder:
-    """Per-plane median log tissue intensity and tissue pixels, for the depth model (:mod:`octn4.depth`)."""
-
-    def __init__(self, depth: int):
-        self.log_median = np.full(depth, np.nan)
-        self.pixels = np.zeros(depth, np.int64)
-
-    def __call__(self, z0: int, planes, mask) -> None:
-        self.set(z0, *plane_log_medians(planes, mask))
-
-    def set(self, z0: int, med, n) -> None:
-        self.log_median[z0:z0 + len(med)] = med
-        self.pixels[z0:z0 + len(n)] = n
-
-    def store(self, attrs: dict) -> None:
-        attrs["plane_log_median"] = [None if not math.isfinite(v) else float(v) for v in self.log_median]
-        attrs["plane_tissue_pixels"] = [int(v) for v in self.pixels]
-
-
-def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False,
-               workers: int = 1) -> np.ndarray:
-    """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``, with per-plane statistics.
-
-    Each section is smoothed once: its threshold pass keeps the smoothed
-    planes its mask pass needs on local disk (:class:`octn4.mask.KeptSection`,
-    in a temporary directory under ``$TMPDIR``, removed as each section's
-    mask is written: a few sections' worth at a time, float32, plus their
-    raw planes).  With ``workers > 1`` (and a Zarr input, which sections can
-    read at random) the passes run one section per task in a process pool,
-    and each section's mask task writes the chunk rows it owns
-    (:func:`octn4.apply.owned_planes`) as an output part, with their first
-    pyramid level, as soon as the sections its Z closing reaches have their
-    thresholds; the parts are then taken into the mask by link, in Z order
-    (:func:`_mask_in_parallel`).  The mask equals the serial one bit for
-    bit.  Each worker holds what the serial stage holds (a slab and its halo).
-    """
-    stats = _PlaneStatsRecorder(vol.shape[0])
-    workers = min(workers, len(bounds)) if vol.format != "nifti" else 1
-    out_path = Path(out_path)
-    with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
-                       attrs=attrs, overwrite=overwrite, affine=vol.affine) as w, \
-            tempfile.TemporaryDirectory(prefix="octn4-mask-") as scratch:
-        with progress(len(bounds) * (2 if workers > 1 else 1), "tissue mask") as advance:
-            if workers > 1:
-                with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.parts-", dir=out_path.parent) as parts:
-                    thresholds = _mask_in_parallel(vol, bounds, w, params, workers, stats, advance, scratch,
-                                                   Path(parts))
-            else:
-                thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance(),
-                                               plane_stats=stats, scratch=scratch)
-        w.attrs["plane_thresholds"] = [None if not math.isfinite(t) else float(t) for t in thresholds]
-        stats.store(w.attrs)
-        w.commit()
-    return thresholds
-
-
-class _StatsList:
-    """The planes' statistics a mask task computes, to send back."""
-
-    def __init__(self):
-        self.stats = []
-
-    def __call__(self, z0, planes, mask):
-        self.stats.append((z0, *plane_log_medians(planes, mask)))
-
-
-def _kept(scratch, bounds, i: int, depth: int, params: MaskParams) -> KeptSection:
-    return KeptSection(Path(scratch) / f"section_{i}", bounds, i, depth, params,
-                       masked=owned_planes(bounds, i, depth))
-
-
-def _mask_thresholds_task(job):
-    path, voxel_size, bounds, i, params, scratch = job
-    vol = open_volume(path, voxel_size=voxel_size)
-    return "thresholds", i, section_plane_thresholds(vol, bounds, i, params=params,
-                                                     keep=_kept(scratch, bounds, i, vol.shape[0], params))
-
-
-def _mask_part_task(job):
-    path, voxel_size, bounds, i, params, scratch, thresholds, part = job
-    vol = open_volume(path, voxel_size=voxel_size)
-    kept = _kept(scratch, bounds, i, vol.shape[0], params)
-    stats = _StatsList()
-    with PartWriter(part, vol.shape, owned=kept.masked, dtype=np.uint8, chunks=CHUNKS, voxel_size=vol.voxel_size,
-                    reduce="max") as w:
-        write_section_mask(vol, bounds, i, thresholds, w, params=params, plane_stats=stats, kept=kept)
-        w.commit()
-    kept.remove()
-    return "part", i, stats.stats
-
-
-def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: int, stats, advance, scratch,
-                      parts: Path) -> np.ndarray:
-    """Thresholds and mask parts of the sections in a pool, then the parts taken into ``writer`` in Z order.
-
-    Section ``i``'s part (the chunk rows it owns) is written by its own task
-    once the sections that part's Z closing reaches
-    (:func:`octn4.mask.sections_reached`) have their thresholds;
-    thresholding runs at most ``workers + 1`` sections ahead of the parts
-    finished in Z order, which bounds the planes kept on disk.  A section
-    inside one chunk row owns no rows and has no part.
-    """
-    n, depth = len(bounds), vol.shape[0]
-    owned = [owned_planes(bounds, i, depth) for i in range(n)]
-    has_part = [a < b for a, b in owned]
-    reach = [sections_reached(bounds, owned[i], depth, params) if has_part[i] else range(0) for i in range(n)]
-    thresholds = np.full(depth, np.nan, np.float32)
-    job = (vol.path, vol.voxel_size, bounds)
-    thresholded, submitted, finished = set(), set(), set()
-    next_thr = through = 0                         # parts 0 .. through - 1 are all finished
-    with worker_pool(workers, f"a mask worker process was killed (most often out of memory: {workers} workers "
-                              "each held one slab of a section); use fewer --workers or more memory") as pool:
-        running = set()
-        while through < n:
-            limit = max(through + workers + 1, (reach[through][-1] + 1) if has_part[through] else 0)
-            while next_thr < min(n, limit):
-                running.add(pool.submit(_mask_thresholds_task, job + (next_thr, params, scratch)))
-                next_thr += 1
-            for i in range(through, n):
-                if has_part[i] and i not in submitted and all(j in thresholded for j in reach[i]):
-                    running.add(pool.submit(_mask_part_task, job + (i, params, scratch, thresholds,
-                                                                    parts / f"part_{i}.zarr")))
-                    submitted.add(i)
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                kind, i, got = f.result()
-                if kind == "part":
-                    for z0, med, n_px in got:
-                        stats.set(z0, med, n_px)
-                    finished.add(i)
-                else:
-                    z0, z1 = bounds[i]
-                    thresholds[z0:z1] = got
-                    thresholded.add(i)
-                    if not has_part[i]:
-                        finished.add(i)
-                        advance()
-                advance()
-            while through < n and through in finished:
-                through += 1
-    ordered = [parts / f"part_{i}.zarr" for i in range(n) if has_part[i]]
-    if isinstance(writer, OmeZarrWriter):
-        for part in ordered:
-            writer.adopt(part)
-        for part in ordered:                      # level 1 from the parts, in Z order; else commit rebuilds it
-            if not writer.take_level1(part):
-                break
-    else:
-        import zarr
-        for part, (a, b) in zip(ordered, [o for o, h in zip(owned, has_part) if h]):
-            arr = zarr.open_array(str(part / "s0"), mode="r")
-            for c0 in range(a, b, CHUNKS[0]):
-                writer.write(c0, arr[c0:min(b, c0 + CHUNKS[0])])
-    return thresholds
-
-
-def copy_mask(src: Volume, out_path, *, attrs: dict, vol: Volume | None = None, slab: int = 16,
-              overwrite: bool = False) -> str:
-    """Write a user-supplied mask (any non-zero value is tissue) as the run's uint8 mask, with the per-plane
-    statistics of ``vol`` under it when given.  Returns the digest of the mask written (CRC-32)."""
-    stats = _PlaneStatsRecorder(src.shape[0])
-    crc = zlib.crc32(repr(tuple(src.shape)).encode())
-    with create_writer(out_path, src.shape, src.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
-                       attrs=attrs, affine=src.affine, overwrite=overwrite) as w:
-        for z0 in range(0, src.shape[0], slab):
-            block = (src.read(z0, z0 + slab) != 0).astype(np.uint8)
-            crc = zlib.crc32(block, crc)
-            w.write(z0, block)
-            if vol is not None:
-                stats(z0, vol.read(z0, z0 + block.shape[0]), block > 0)
-        if vol is not None:
-            stats.store(w.attrs)
-        w.commit()
-    return f"crc32:{crc:08x}"
 
 
 def _section_sampling(vol: Volume, bounds, index: int, params: N4Params):

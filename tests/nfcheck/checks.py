@@ -25,7 +25,12 @@ def example_bindings(process: str, meta: dict, accelerator=None) -> dict:
     task = {"cpus": 2, "accelerator": accelerator, "ext": {}, "process": process, "attempt": 1}
     mid = meta["id"]
     inputs = {
-        "TISSUE_MASK": {"volume": f"{mid}.ome.zarr"},
+        "MASK_THRESHOLDS": {"index": 1, "volume": f"{mid}.ome.zarr"},
+        "MASK_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr",
+                         "thresholds": " ".join(f"thresholds/{mid}.thresholds_{i}" for i in range(meta["n_sections"]))},
+        "MASK_FINISH": {"volume": f"{mid}.ome.zarr",
+                        "thresholds": " ".join(f"thresholds/{mid}.thresholds_{i}" for i in range(meta["n_sections"])),
+                        "parts": " ".join(f"parts/{mid}.mask_part_{i}" for i in range(meta["n_sections"]))},
         "N4_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr"},
         "ASSEMBLE": {"records": " ".join(f"records/{mid}.section_{i}.json" for i in range(meta["n_sections"]))},
         "N4_GLOBAL": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "sections": f"{mid}.sections.json"},
@@ -123,22 +128,41 @@ def _task(process: str, meta: dict, staged: dict[str, Path], extra: dict, accele
 def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None, apply_order=None) -> list[dict]:
     """The workflow's tasks for one brain, in workflow order, each reading the outputs of earlier tasks.
 
-    Sections come in ``section_order`` and apply tasks in ``apply_order`` (arrival order must not
-    matter); their records and parts reach ASSEMBLE and FINISH ordered by index, as the workflow's
-    gathers sort them.  The apply tasks form one ``concurrent`` group.  Task folders are
+    The per-section tasks (mask thresholds, mask parts, N4 sections) come in ``section_order`` and apply
+    tasks in ``apply_order`` (arrival order must not matter); what they write reaches the gathering tasks
+    ordered by index, as the workflow's gathers sort it.  The mask part tasks form one ``concurrent``
+    group, and so do the apply tasks: parts of one output written at the same time.  Task folders are
     ``work/NN_PROCESS[_index]``.
     """
     mid, vol = meta["id"], volume.name
     tasks = []
+    order = list(section_order or range(meta["n_sections"]))
 
     def folder(i, t):
         index = t["bindings"].get("index")
         return work / f"{i:02d}_{t['process']}{'' if index is None else f'_{index}'}"
 
-    tasks.append(_task("TISSUE_MASK", meta, {vol: volume}, {"volume": vol}))
-    mask = folder(0, tasks[0]) / f"{mid}.mask.ome.zarr"
+    def gathered(outputs: dict, stage: str):
+        ordered = [outputs[i] for i in sorted(outputs)]
+        return {f"{stage}/{p.name}": p for p in ordered}, " ".join(f"{stage}/{p.name}" for p in ordered)
+
+    thresholds = {}
+    for i in order:
+        tasks.append(_task("MASK_THRESHOLDS", meta, {vol: volume}, {"index": i, "volume": vol}))
+        thresholds[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.thresholds_{i}"
+    staged_thr, thr_arg = gathered(thresholds, "thresholds")
+    mask_parts = {}
+    for i in order:
+        tasks.append(_task("MASK_SECTION", meta, {vol: volume, **staged_thr},
+                           {"index": i, "volume": vol, "thresholds": thr_arg}))
+        tasks[-1]["concurrent"] = "mask"
+        mask_parts[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.mask_part_{i}"
+    staged_parts, parts_arg = gathered(mask_parts, "parts")
+    tasks.append(_task("MASK_FINISH", meta, {vol: volume, **staged_thr, **staged_parts},
+                       {"volume": vol, "thresholds": thr_arg, "parts": parts_arg}))
+    mask = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.mask.ome.zarr"
     records = {}
-    for i in section_order or range(meta["n_sections"]):
+    for i in order:
         tasks.append(_task("N4_SECTION", meta, {vol: volume, mask.name: mask},
                            {"index": i, "volume": vol, "mask": mask.name}))
         records[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.section_{i}.json"
@@ -182,7 +206,8 @@ def run_workflow(project: Project, work: Path, volume: Path, meta: dict, params:
                  section_order=None, apply_order=None) -> dict[str, Path]:
     """Render every task's ``block`` (one JVM), then run the tasks in order with bash: inputs staged by
     symlink into a fresh folder, bin/ on PATH; each must exit 0 and create its declared outputs.  The tasks
-    of one ``concurrent`` group (the apply tasks) run at the same time, as processes started together.
+    of one ``concurrent`` group (the mask part tasks, the apply tasks) run at the same time, as processes
+    started together.
 
     Returns the final outputs: mask, sections record, solution, results folder, report folder.
     """
@@ -212,7 +237,7 @@ def run_workflow(project: Project, work: Path, volume: Path, meta: dict, params:
         k = group[-1] + 1
     mid = meta["id"]
     by_process = {t["process"]: t["dir"] for t in tasks}
-    return {"mask": by_process["TISSUE_MASK"] / f"{mid}.mask.ome.zarr",
+    return {"mask": by_process["MASK_FINISH"] / f"{mid}.mask.ome.zarr",
             "sections": by_process["ASSEMBLE"] / f"{mid}.sections.json",
             "solution": by_process["N4_GLOBAL"] / f"{mid}.global.json",
             "results": by_process["FINISH"] / mid, "report": by_process["REPORT"] / f"{mid}_report"}
