@@ -25,7 +25,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys
-from octn4 import pipeline
+from octn4 import pipeline, section_stage
 from octn4.io import open_volume
 from octn4.n4 import N4Params
 
@@ -37,9 +37,9 @@ def rchar():
 inp, mask, n, index = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 bounds = pipeline.volume_sections(open_volume(inp), n_sections=n)
 # warm-up on another section, so lazily imported modules are not counted as data
-pipeline.fit_section(inp, mask, bounds, (index + 1) % n, params=N4Params(maximum_number_of_iterations=(1,)))
+section_stage.fit_section(inp, mask, bounds, (index + 1) % n, params=N4Params(maximum_number_of_iterations=(1,)))
 t0 = rchar()
-pipeline.fit_section(inp, mask, bounds, index, params=N4Params(maximum_number_of_iterations=(2,)))
+section_stage.fit_section(inp, mask, bounds, index, params=N4Params(maximum_number_of_iterations=(2,)))
 print(json.dumps({"index": index, "bytes": rchar() - t0, "planes": bounds[index][1] - bounds[index][0]}))
 """
 
@@ -55,14 +55,14 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/octn4-io"))
     a = p.parse_args(argv)
     shutil.rmtree(a.work, ignore_errors=True)
-    from octn4 import defaults, pipeline
+    from octn4 import defaults, mask_stage, pipeline
     from octn4.cli import main as octn4
 
     octn4(["synth", str(a.work / "stack"), "--shape", a.shape, "--sections", str(a.sections), "-q"])
     vol = a.work / "stack" / "volume.ome.zarr"
     mask = a.work / "mask.ome.zarr"
     v = pipeline.open_input(vol)
-    pipeline.stage_mask(v, pipeline.volume_sections(v, n_sections=a.sections), mask, params=defaults.MASK, attrs={})
+    mask_stage.stage_mask(v, pipeline.volume_sections(v, n_sections=a.sections), mask, params=defaults.MASK, attrs={})
     total = disk_bytes(vol / "s0") + disk_bytes(mask / "s0")
     print(f"volume {a.shape}, {a.sections} sections; level-0 data on disk: volume {disk_bytes(vol / 's0'):,} B, "
           f"mask {disk_bytes(mask / 's0'):,} B")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
 
-from octn4 import cli, pipeline  # noqa: E402
+from octn4 import apply, cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    pipeline.stage_apply_files(a.input, a.mask, a.solution, a.index, a.out, voxel_size=a.voxel_size,
+    apply.stage_apply_files(a.input, a.mask, a.solution, a.index, a.out, voxel_size=a.voxel_size,
                                tile_mib=a.tile_mib, overwrite=a.overwrite)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
 
-from octn4 import cli, pipeline  # noqa: E402
+from octn4 import cli, io, section_stage  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(a) -> None:
     if a.out.exists() and not a.overwrite:
         raise cli.InputError("output already exists; pass --overwrite to replace it", a.out)
-    records = pipeline.assemble_sections(pipeline.read_records(a.records), a.expected)
-    pipeline.write_json({"sections": records}, a.out)
+    records = section_stage.assemble_sections(section_stage.read_records(a.records), a.expected)
+    io.write_json({"sections": records}, a.out)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
 
-from octn4 import cli, pipeline  # noqa: E402
+from octn4 import apply, cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    pipeline.stage_finish_files(a.input, a.mask, a.solution, a.parts, a.outdir, voxel_size=a.voxel_size,
+    apply.stage_finish_files(a.input, a.mask, a.solution, a.parts, a.outdir, voxel_size=a.voxel_size,
                                 output_format=a.format, overwrite=a.overwrite)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
 
-from octn4 import cli, pipeline  # noqa: E402
+from octn4 import cli, global_stage, pipeline  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def run(a) -> None:
     config = pipeline.RunConfig(global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
                                 threads=a.threads, workers=a.workers, overwrite=a.overwrite, engine=a.engine,
                                 device=a.device, voxel_size=a.voxel_size)
-    pipeline.stage_global_files(a.input, a.mask, a.sections, a.out, config=config)
+    global_stage.stage_global_files(a.input, a.mask, a.sections, a.out, config=config)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
 
-from octn4 import cli, mask_stage, pipeline  # noqa: E402
+from octn4 import cli, mask_stage, provenance  # noqa: E402
 from octn4.io import open_volume  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def run(a) -> None:
     vol = open_volume(a.input, voxel_size=a.voxel_size)
     bounds = cli.section_layout(a)
     params = cli.mask_params(a)
-    attrs = pipeline.provenance("mask", vol, {"mask": params.as_dict(), "sections": [list(b) for b in bounds]})
+    attrs = provenance.provenance("mask", vol, {"mask": params.as_dict(), "sections": [list(b) for b in bounds]})
     mask_stage.stage_mask_finish_files(a.input, bounds, a.thresholds, a.parts, a.out, params=params, attrs=attrs,
                                        voxel_size=a.voxel_size, check_log_scale=not a.skip_log_scale_check,
                                        overwrite=a.overwrite)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "lib"))  # checkout fallback; installed wins
 
-from octn4 import cli, pipeline  # noqa: E402
+from octn4 import cli, pipeline, provenance, section_stage  # noqa: E402
 from octn4.io import open_volume  # noqa: E402
 
 
@@ -30,11 +30,11 @@ def run(a) -> None:
     vol = open_volume(a.input, voxel_size=a.voxel_size)
     bounds = pipeline.volume_sections(vol, n_sections=a.sections, planes=a.planes)
     config = pipeline.RunConfig(section_n4=cli.n4_params(a), engine=a.engine, device=a.device)  # checks the device
-    attrs = pipeline.provenance("section", vol, {"section_n4": config.section_n4.as_dict(), "index": a.index,
+    attrs = provenance.provenance("section", vol, {"section_n4": config.section_n4.as_dict(), "index": a.index,
                                                         "device_requested": a.device,
                                                         "device_choice": config.device_choice},
                                 engine=a.engine, device=config.device)
-    pipeline.stage_section(a.input, a.mask, bounds, a.index, a.out, params=config.section_n4,
+    section_stage.stage_section(a.input, a.mask, bounds, a.index, a.out, params=config.section_n4,
                            voxel_size=a.voxel_size, threads=a.threads, engine=a.engine, device=config.device,
                            attrs=attrs, overwrite=a.overwrite)
 

@@ -9,10 +9,13 @@ import pytest
 import zarr
 
 import octn4.io
-from octn4.apply import apply_part, finish, owned_planes, part_tiles
+from octn4.apply import apply_part, apply_parts, finish, owned_planes, part_tiles
 from octn4.errors import InputError
+from octn4.global_stage import solve_global
 from octn4.io import CHUNKS, PartWriter, open_volume
-from octn4.pipeline import RunConfig, apply_parts, fit_section, solve_global, stage_mask
+from octn4.mask_stage import stage_mask
+from octn4.pipeline import RunConfig
+from octn4.section_stage import fit_section
 
 pytestmark = pytest.mark.slow
 
@@ -179,7 +182,7 @@ def test_global_fit_grid_read_in_processes_equals_one_process(solved):
     """The global pass's Z blocks read by two worker processes: the same grid, so the same fitted field."""
     from dataclasses import replace
 
-    from octn4.pipeline import fit_global
+    from octn4.global_stage import fit_global
 
     vol, msk, solution, _ = solved
     params = replace(RunConfig(planes=PLANES).global_n4, maximum_number_of_iterations=(10,))

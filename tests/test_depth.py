@@ -11,8 +11,8 @@ from octn4.bspline import BSplineField, axis_map
 from octn4.cli import main
 from octn4.depth import fit_depth_profiles, plane_log_medians
 from octn4.gains import GainParams, drift_correction, histogram_offsets, level_bridged_runs, log_histogram
+from octn4.global_stage import harmonise_gains
 from octn4.io import open_volume, read_attrs
-from octn4.pipeline import harmonise_gains
 from octn4.sections import section_bounds
 from octn4.synth import SynthParams, synth_stack
 

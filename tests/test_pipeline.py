@@ -291,7 +291,8 @@ def test_the_mask_stage_in_parallel_gives_the_serial_mask(tmp_path, method, plan
     whole volume in memory, on sections that do not start on chunk rows, and on sections thinner than the Z
     closing's reach (a part waits for further sections' thresholds; sections inside one row own no part)."""
     from octn4.mask import MaskParams, tissue_mask
-    from octn4.pipeline import open_input, stage_mask, volume_sections
+    from octn4.mask_stage import stage_mask
+    from octn4.pipeline import open_input, volume_sections
     from octn4.synth import SynthParams, synth_stack
 
     synth_stack(tmp_path / "stack", SynthParams(shape=(48, 136, 136), n_sections=3, seed=5))   # planes > 64: pyramids

@@ -38,14 +38,28 @@ import numpy as np
 
 from .bspline import BSplineField
 from .errors import InputError
-from .io import CHUNKS, PartWriter, Volume, atomic_dir, create_writer, part_files, read_attrs, take_parts, write_json
+from .io import (
+    CHUNKS,
+    PartWriter,
+    Volume,
+    atomic_dir,
+    create_writer,
+    open_mask,
+    open_volume,
+    part_files,
+    read_attrs,
+    take_parts,
+    write_json,
+)
 from .metrics import PlaneStats, boundary_steps, section_summary
 from .progress import progress
+from .workers import worker_pool
 
 log = logging.getLogger("octn4")
 
 __all__ = ["owned_planes", "tile_planes_for", "part_tiles", "section_fields", "section_log_field", "apply_part",
-           "finish", "read_solution", "mask_plane_thresholds", "near_empty_sections", "PART_OUTPUTS"]
+           "apply_parts", "finish", "read_solution", "mask_plane_thresholds", "near_empty_sections", "PART_OUTPUTS",
+           "stage_apply_files", "stage_finish_files"]
 
 #: The volumes every part holds, and the output each becomes.
 PART_OUTPUTS = ("corrected", "bias")
@@ -322,3 +336,58 @@ def _metrics(vol, stats, bounds, records, solution, timings, near_empty=()) -> d
         "peak_rss_mib": peak_rss_mib(),
         "provenance": attrs,
     }
+
+
+def _apply_task(job):
+    input_path, mask_path, voxel_size, solution, index, out_dir, tile_planes = job
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    return apply_part(vol, open_mask(mask_path, vol), solution, index, out_dir, tile_planes=tile_planes,
+                      overwrite=True, show_progress=False)
+
+
+def apply_parts(vol: Volume, msk: Volume, solution: dict, part_dir: Path, *, tile_mib: int, workers: int = 1,
+                order=None) -> list[Path]:
+    """Every section's output part (:func:`octn4.apply.apply_part`) in ``part_dir``, ``workers`` at a time,
+    in ``order`` (default: by index).  Returns the part folders by index."""
+    n = len(solution["sections"])
+    order = list(range(n)) if order is None else list(order)
+    tile_planes = tile_planes_for(vol.shape, tile_mib, vol.chunk_planes)
+    paths = [Path(part_dir) / f"part_{i}" for i in range(n)]
+    jobs = [(vol.path, msk.path, vol.voxel_size, solution, i, paths[i], tile_planes) for i in order]
+    workers = max(1, min(workers, n))
+    with progress(len(jobs), "apply bias field") as advance:
+        if workers == 1:
+            for j in jobs:
+                _apply_task(j)
+                advance()
+            return paths
+        with worker_pool(workers, f"an apply worker process was killed (most often out of memory: {workers} "
+                                  f"workers each held one tile of {tile_planes} planes); use fewer --workers or a "
+                                  "smaller --tile-mib") as pool:
+            for _ in pool.map(_apply_task, jobs):
+                advance()
+    return paths
+
+
+def stage_apply_files(input_path, mask_path, solution_json, index: int, out_dir, *, voxel_size=None,
+                      tile_mib: int = 1024, overwrite: bool = False) -> dict:
+    """One section's output part from files: input, mask, the global solution -> ``out_dir``."""
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    msk = open_mask(mask_path, vol)
+    return apply_part(vol, msk, read_solution(solution_json), index, out_dir,
+                      tile_planes=tile_planes_for(vol.shape, tile_mib, vol.chunk_planes), overwrite=overwrite)
+
+
+def stage_finish_files(input_path, mask_path, solution_json, part_dirs, outdir, *, voxel_size=None,
+                       output_format: str = "ome-zarr", overwrite: bool = False) -> dict:
+    """The outputs from files: the parts of every section and the global solution -> ``outdir``."""
+    t_start = time.perf_counter()
+    vol = open_volume(input_path, voxel_size=voxel_size)
+    msk = open_mask(mask_path, vol)
+    solution = read_solution(solution_json)
+    with atomic_dir(outdir, overwrite=overwrite) as tmp:
+        metrics = finish(vol, msk, solution, part_dirs, tmp, output_format=output_format)
+        metrics["timings_s"]["finish_total"] = round(time.perf_counter() - t_start, 3)
+        write_json(metrics, tmp / "metrics.json")
+    return metrics
+

@@ -1127,3 +1127,11 @@ def read_attrs(path) -> dict:
 
     node = zarr.open(str(p), mode="r")            # an OME-Zarr group, or a bare array (an ingested copy)
     return dict(node.attrs).get("octn4", {})
+
+
+def open_mask(path, vol: Volume) -> Volume:
+    m = open_volume(path, voxel_size=vol.voxel_size)
+    if m.shape != vol.shape:
+        raise InputError(f"mask shape {m.shape} does not match the volume shape {vol.shape}", path)
+    return m
+

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import open_volume
+from .io import atomic_dir, open_volume, write_json
 
 __all__ = ["build_report", "orthogonal_views"]
 
@@ -362,8 +362,6 @@ def build_report(results, out=None, *, name: str | None = None, max_px: int = 51
 
     ``mask``: the run's tissue mask when it is not in ``results`` (the workflow keeps it apart).
     """
-    from .pipeline import atomic_dir, write_json
-
     results = Path(results)
     mpath = results / "metrics.json"
     try:

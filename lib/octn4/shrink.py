@@ -29,6 +29,7 @@ import numpy as np
 from ._backend import array_namespace, from_numpy
 from .bspline import shrink_grid
 from .errors import InputError
+from .io import ForwardReader, Volume
 
 __all__ = ["SHRINK_MODES", "block_indices", "block_mean_plane", "shrink_volume"]
 
@@ -99,3 +100,20 @@ def shrink_volume(volume, mask, shrink, mode: str = "subsample"):
                                                                                      axis=0), shrink[1:], vol.shape[1:])
            for z in zb]
     return xp.stack([o[0] for o in out]), xp.stack([o[1] for o in out])
+
+
+def block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None, advance=None):
+    """Tissue block means of ``vol`` (divided by ``exp(log_field(planes))`` when given), one Z block at a time
+    (``advance()`` after each); every stored chunk of input and mask is decompressed once."""
+    img = np.empty((len(z_blocks),) + tuple(shrink_grid(n, k)[1] for n, k in zip(vol.shape[1:], s[1:])), np.float32)
+    fit = np.empty(img.shape, bool)
+    vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk)
+    for j, zb in enumerate(z_blocks):
+        planes = vol_rows.read_planes(zb)
+        if log_field is not None:
+            planes = planes / np.exp(log_field(zb))
+        img[j], fit[j] = block_mean_plane(planes, msk_rows.read_planes(zb) > 0, s[1:], vol.shape[1:])
+        if advance is not None:
+            advance()
+    return img, fit
+
