@@ -27,7 +27,7 @@ CHILD = r"""
 import json, sys
 from octn4 import pipeline, section_stage
 from octn4.io import open_volume
-from octn4.n4 import N4Params
+from octn4.params import N4Params
 
 def rchar():
     for line in open('/proc/self/io'):

@@ -8,7 +8,7 @@ from skimage.morphology import closing, disk
 
 from octn4._backend import to_numpy
 from octn4.mask import MaskParams, otsu_threshold, tissue_mask, write_tissue_mask
-from octn4.n4 import compute_tissue_mask
+from octn4.reference import compute_tissue_mask
 from octn4.sections import section_bounds
 
 

@@ -7,7 +7,9 @@ import SimpleITK as sitk
 from conftest import smooth_phantom
 from octn4.bspline import shrink_grid
 from octn4.errors import InputError
-from octn4.n4 import N4Params, apply_bias_field, correct, n4_correct, n4_correct_per_section, shrink_factors
+from octn4.n4 import apply_bias_field, correct
+from octn4.params import N4Params, shrink_factors
+from octn4.reference import n4_correct, n4_correct_per_section
 
 VS = (0.05, 0.02, 0.02)
 

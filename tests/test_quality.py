@@ -13,11 +13,13 @@ import pytest
 
 from octn4.bspline import BSplineField, axis_map, shrink_grid
 from octn4.cli import main
+from octn4.depth import depth_line
 from octn4.gains import GAIN_ESTIMATORS, GainParams, boundary_steps_from_data, solve_gains, touching_step
 from octn4.global_stage import harmonise_gains
 from octn4.io import OmeZarrWriter, open_volume
 from octn4.mask import MaskParams, depth_trend, tissue_mask, write_tissue_mask
-from octn4.n4 import N4Params, depth_line, fit_bias, fit_schedule, shrink_factors
+from octn4.n4 import fit_bias
+from octn4.params import N4Params, fit_schedule, shrink_factors
 from octn4.section_stage import section_fit_grid
 from octn4.sections import section_bounds
 from octn4.shrink import block_indices, shrink_volume

@@ -20,7 +20,8 @@ from .depth import DEPTH_MODELS
 from .errors import InputError, WorkerKilled
 from .gains import GAIN_ANCHORS, GAIN_ESTIMATORS, GainParams
 from .mask import MASK_METHODS, MaskParams
-from .n4 import CONTROL_POINT_RULES, ENGINES, N4Params
+from .n4 import ENGINES
+from .params import CONTROL_POINT_RULES, N4Params
 from .sections import parse_planes
 from .shrink import SHRINK_MODES
 from .synth import EXTENTS, PROFILES

@@ -1,8 +1,8 @@
 """octn4's default settings for each stage, in one place.
 
-:class:`~octn4.n4.N4Params` and :class:`~octn4.mask.MaskParams` default to
+:class:`~octn4.params.N4Params` and :class:`~octn4.mask.MaskParams` default to
 the reference recipe (ITK's N4 settings, per-section Otsu, subsampling),
-which the reference API (:func:`octn4.n4.n4_correct`, ...) reproduces.  The
+which the reference API (:func:`octn4.reference.n4_correct`, ...) reproduces.  The
 pipeline, the command line and the workflow use these instead; each choice
 and the measurements behind it are in ``docs/QUALITY.md``
 (``benchmarks/accuracy_synth.py`` reproduces them).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .gains import GainParams
 from .mask import MaskParams
-from .n4 import N4Params
+from .params import N4Params
 
 __all__ = ["MASK", "SECTION_N4", "GLOBAL_N4", "GAINS", "REFERENCE_SECTION_N4", "REFERENCE_GLOBAL_N4", "REFERENCE_MASK"]
 

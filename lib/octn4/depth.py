@@ -29,15 +29,29 @@ over the section removed (the section's level stays the gains' business);
 the section fit divides it out before N4 and stores it with the fitted
 field (:attr:`octn4.bspline.BSplineField.z_profile`).  Everything here is
 1-D and costs microseconds per plane.
+
+The simpler model, the **depth line** (``N4Params.depth_line``), lives here
+too: a robust straight line through a fit grid's per-plane median log
+intensity (:func:`depth_line`), divided out of the fit grid before N4
+(:func:`flatten_depth`) and added back to the fitted field
+(:func:`add_depth_line`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .bspline import basis_matrix
+from .bspline import basis_matrix, shrink_grid
+from .mask import depth_trend
 
-__all__ = ["DEPTH_MODELS", "DEPTH_PRIOR", "plane_log_medians", "fit_depth_profiles", "depth_spans"]
+if TYPE_CHECKING:
+    from .fit_result import FitResult
+    from .params import N4Params
+
+__all__ = ["DEPTH_MODELS", "DEPTH_PRIOR", "plane_log_medians", "fit_depth_profiles", "depth_spans",
+           "depth_line", "flatten_depth", "add_depth_line", "z_centre"]
 
 #: 'curve': the stack-wide curve with per-section deviations (octn4's default); 'none': no depth model
 #: (N4's own depth line, ``N4Params.depth_line``, or nothing).
@@ -154,3 +168,55 @@ def fit_depth_profiles(log_median, tissue_pixels, bounds, *, spans: int = 0, pri
     return {"profile": profile, "stack_curve": stack_curve, "spans": spans, "weights": w0,
             "section_deviation_rms": [float(np.sqrt(np.mean((basis[a:b] @ dev[i]) ** 2)))
                                       for i, (a, b) in enumerate(bounds)]}
+
+
+# --------------------------------------------------------------------------- the depth line
+
+
+DEPTH_LINE_MIN_VOXELS = 50
+
+
+def depth_line(shrunk, include, z_full) -> float | None:
+    """Slope (log per full-resolution plane) of the depth line of a fit grid, or None.
+
+    ``z_full``: the full-resolution plane of each fit plane.  The line is a
+    Huber-weighted fit through each plane's median log intensity over its
+    fit voxels (planes with at least ``DEPTH_LINE_MIN_VOXELS``); fewer than 3
+    such planes give no line.
+    """
+    med, zs = [], []
+    for j in range(shrunk.shape[0]):
+        v = shrunk[j][include[j]]
+        if v.size >= DEPTH_LINE_MIN_VOXELS:
+            med.append(float(np.median(np.log(v))))
+            zs.append(float(z_full[j]))
+    if len(zs) < 3:
+        return None
+    return depth_trend(zs, med)[0]
+
+
+def flatten_depth(shrunk, include, shrink, full_shape, params: N4Params):
+    """``(shrunk / exp(line), slope)`` when ``params.depth_line`` finds a line, else ``(shrunk, None)``."""
+    if not params.depth_line:
+        return shrunk, None
+    oz, mz = shrink_grid(full_shape[0], shrink[0])
+    z_full = oz + shrink[0] * np.arange(mz)
+    slope = depth_line(shrunk, include, z_full)
+    if slope is None:
+        return shrunk, None
+    line = slope * (z_full - z_centre(full_shape, shrink))
+    return (shrunk / np.exp(line)[:, None, None]).astype(np.float32), slope
+
+
+def add_depth_line(fit: FitResult, slope, centre: float, voxel_dz: float) -> FitResult:
+    """``fit`` with the depth line of ``slope`` (zero at plane ``centre``) added back to its field."""
+    if slope is not None and fit.status == "fitted":
+        fit.field = fit.field.plus_depth_line(slope, -slope * centre)
+        fit.depth_slope_per_mm = float(slope / voxel_dz)
+    return fit
+
+
+def z_centre(full_shape, shrink) -> float:
+    """Mean full-resolution plane of the fit planes (where the depth line is zero)."""
+    oz, mz = shrink_grid(full_shape[0], shrink[0])
+    return oz + shrink[0] * (mz - 1) / 2

@@ -23,6 +23,7 @@ from . import defaults
 from .apply import mask_plane_thresholds, section_fields, section_log_field
 from .bspline import shrink_grid
 from .errors import InputError
+from .fit_result import FitResult
 from .gains import (
     GainParams,
     boundary_steps_from_data,
@@ -34,7 +35,8 @@ from .gains import (
 )
 from .io import Volume, open_mask, open_volume, read_attrs, write_json
 from .mask import above_in_plane
-from .n4 import FitResult, N4Params, fit_bias, shrink_factors
+from .n4 import fit_bias
+from .params import N4Params, shrink_factors
 from .progress import progress
 from .provenance import provenance
 from .section_stage import read_assembled

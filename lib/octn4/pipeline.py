@@ -48,7 +48,8 @@ from .global_stage import solve_global
 from .io import Volume, open_mask, open_volume, read_attrs, replace_path, scan_volume, validate_scan, write_json
 from .mask import MaskParams
 from .mask_stage import copy_mask, stage_mask
-from .n4 import ENGINES, N4Params, choose_device
+from .n4 import ENGINES, choose_device
+from .params import N4Params
 from .progress import progress
 from .provenance import provenance
 from .section_stage import assemble_sections, fit_section, fit_sections_batched, section_sampling

@@ -21,9 +21,11 @@ import numpy as np
 from .bspline import shrink_grid
 from .depth import fit_depth_profiles
 from .errors import InputError
+from .fit_result import FitResult
 from .gains import log_histogram
 from .io import Volume, open_mask, open_volume, read_attrs, write_json
-from .n4 import FitResult, N4Params, fit_bias, fit_bias_batch, shrink_factors
+from .n4 import fit_bias, fit_bias_batch
+from .params import N4Params, shrink_factors
 from .shrink import block_indices, block_mean_grid
 
 __all__ = ["section_sampling", "section_fit_grid", "stack_depth_profile", "fit_section", "fit_sections_batched",
