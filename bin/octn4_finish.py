@@ -14,7 +14,7 @@ from octn4 import apply, cli  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="octn4_finish.py", description=__doc__)
     p.add_argument("input", type=Path, help="input volume (.ome.zarr or .zarr)")
-    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask.py")
+    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask_finish.py")
     p.add_argument("solution", type=Path, help="the global solution from octn4_global.py")
     p.add_argument("outdir", type=Path, help="output folder (created complete, or not at all)")
     p.add_argument("parts", type=Path, nargs="+", help="every section's part from octn4_apply.py, any order")

@@ -13,7 +13,7 @@ from octn4 import cli, global_stage, pipeline  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="octn4_global.py", description=__doc__)
     p.add_argument("input", type=Path, help="input volume (.ome.zarr or .zarr)")
-    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask.py")
+    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask_finish.py")
     p.add_argument("sections", type=Path, help="assembled record from octn4_assemble.py")
     p.add_argument("out", type=Path, help="the solution to write (.json: gains, global field, provenance)")
     cli.add_voxel_size_arg(p)

@@ -14,7 +14,7 @@ from octn4.io import open_volume  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="octn4_section.py", description=__doc__)
     p.add_argument("input", type=Path, help="input volume (.ome.zarr or .zarr)")
-    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask.py")
+    p.add_argument("mask", type=Path, help="tissue mask from octn4_mask_finish.py")
     p.add_argument("out", type=Path, help="section record to write (.json)")
     p.add_argument("--index", type=int, required=True, help="section index, 0 at the top")
     cli.add_section_args(p)
