@@ -85,6 +85,17 @@ def test_non_finite(tmp_path, capsys, bad):
     assert_rejected(tmp_path, capsys, ome(tmp_path / "n.ome.zarr", v), "1 NaN/Inf values")
 
 
+def test_bad_values_are_refused_by_the_mask_stages_scan_in_worker_processes(tmp_path, capsys):
+    """octn4 run validates the input on the mask stage's read: a NaN in the last section is refused by its
+    thresholds task in a worker, naming its planes; a log-scaled volume once every section is scanned."""
+    v = good((24, 40, 40))
+    v[20, 4, 5] = np.nan
+    assert_rejected(tmp_path, capsys, ome(tmp_path / "n.ome.zarr", v), "planes 16..24 (scanned by section 2's",
+                    ["--workers", "2"])
+    assert_rejected(tmp_path, capsys, ome(tmp_path / "db.ome.zarr", 10 * np.log10(good((24, 40, 40))) + 60),
+                    "look log-scaled (dB)", ["--workers", "2"])
+
+
 def test_negative_or_db_intensities(tmp_path, capsys):
     db = 10 * np.log10(good())   # dB-scaled: has negatives
     assert_rejected(tmp_path, capsys, ome(tmp_path / "db.ome.zarr", db), "10**(v/10)")

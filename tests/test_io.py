@@ -245,6 +245,24 @@ def test_pyramid_means_equal_numpys_float64_mean():
         np.testing.assert_array_equal(got, want)
 
 
+def test_pyramid_maxima_equal_numpys_group_max():
+    """A mask level's maxima, taken axis by axis over strided views, are the 6-d group max, on any uint8
+    values (not only 0/1) and any factors, with the ragged edge dropped."""
+    from octn4.io import _downsample
+
+    rng = np.random.default_rng(9)
+    for dtype in (np.uint8, np.float32):
+        block = (rng.integers(0, 256, (9, 37, 50)) if dtype == np.uint8 else rng.normal(size=(9, 37, 50)))
+        block = block.astype(dtype)
+        for f in ((1, 2, 2), (2, 2, 2), (2, 1, 2), (1, 1, 1), (4, 2, 2)):
+            z, y, x = (s // k * k for s, k in zip(block.shape, f))
+            want = block[:z, :y, :x].reshape(z // f[0], f[0], y // f[1], f[1], x // f[2], f[2]).max(axis=(1, 3, 5))
+            got = _downsample(block, f, "max")
+            assert got.dtype == dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+            assert not np.shares_memory(got, block)
+
+
 def test_crc32_combine_equals_the_crc_of_the_concatenation():
     import zlib
 
@@ -292,6 +310,42 @@ def test_sections_scanned_apart_and_combined_equal_the_whole_scan(small_stack):
     assert parts[1].nbytes == 0
     assert combine_scan(vol, parts) == whole
     assert combine_scan(vol, parts[::-1]).digest != whole.digest          # the digest knows the order
+
+
+def _same_part(a, b):
+    assert (a.crc, a.nbytes, a.minimum, a.maximum, a.nonfinite, a.negative, a.positive) == \
+        (b.crc, b.nbytes, b.minimum, b.maximum, b.nonfinite, b.negative, b.positive)
+    assert len(a.picks) == len(b.picks)
+    for x, y in zip(a.picks, b.picks):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("halo,step", [(8, 16), (0, 5), (3, 7)])
+def test_a_scan_fed_by_a_forward_readers_reads_equals_scan_rows(small_stack, halo, step):
+    """A section's share of the scan, taken from the planes a pass reads with halos through a ForwardReader
+    (the mask's smoothing), equals scan_rows of the section, samples included: whatever the slabs and halos,
+    when the pass stops short of the section's last slab (the rest is read), and after a gap."""
+    from octn4.io import ForwardReader, RowScan, scan_rows
+
+    vol = open_volume(small_stack / "volume.ome.zarr")
+    depth = vol.shape[0]
+    for z0, z1 in [(0, 13), (13, 15), (15, 37), (37, depth), (0, depth)]:
+        want = scan_rows(vol, z0, z1)
+        rows = RowScan(vol, z0, z1)
+        reader = ForwardReader(vol, rows.feed)
+        for c0 in range(z0, z1, step):
+            reader.read(c0 - halo, min(z1, c0 + step) + halo)
+        _same_part(rows.result(), want)
+        short = RowScan(vol, z0, z1)                      # the pass reads only its first planes
+        ForwardReader(vol, short.feed).read(max(0, z0 - halo), min(z1, z0 + 3))
+        _same_part(short.result(), want)
+        gap = RowScan(vol, z0, z1)
+        gap.feed(z0 + 17, vol.read(z0 + 17, z1))           # a run past a gap is not taken
+        _same_part(gap.result(), want)
+        runs = RowScan(vol, z0, z1)                        # overlapping runs that split slabs into pieces
+        for a in range(max(0, z0 - 2), z1 + 16, step):
+            runs.feed(a, vol.read(a, min(depth, a + step + 2)))
+        _same_part(runs.result(), want)
 
 
 @pytest.mark.parametrize("voxel_size", [(0.05, 0.05, 0.05), (0.1, 0.05, 0.05)])

@@ -290,6 +290,7 @@ def test_the_mask_stage_in_parallel_gives_the_serial_mask(tmp_path, method, plan
     mask (every pyramid level), plane statistics and thresholds as one process, and the same mask as the
     whole volume in memory, on sections that do not start on chunk rows, and on sections thinner than the Z
     closing's reach (a part waits for further sections' thresholds; sections inside one row own no part)."""
+    from octn4.io import scan_volume
     from octn4.mask import MaskParams, tissue_mask
     from octn4.mask_stage import stage_mask
     from octn4.pipeline import open_input, volume_sections
@@ -312,6 +313,22 @@ def test_the_mask_stage_in_parallel_gives_the_serial_mask(tmp_path, method, plan
     assert not list(tmp_path.glob(".*"))                             # no parts left beside the outputs
     assert got[1][2] == got[pool][2] and got[1][1][0].any() and not got[1][1][0].all()
     np.testing.assert_array_equal(got[1][1][0], tissue_mask(vol.read(0, vol.shape[0]), bounds, params=params))
+    # validating the input on the way (octn4 run's one read): the whole volume's scan, the same mask
+    whole = scan_volume(vol)
+    for workers in (1, pool):
+        seen = []
+
+        def validate(scan, seen=seen):
+            seen.append(scan)
+            return {"input_digest": scan.digest}
+
+        out = tmp_path / f"v{workers}.ome.zarr"
+        stage_mask(vol, bounds, out, params=params, attrs={}, workers=workers, validate=validate)
+        assert seen == [whole]
+        g = zarr.open_group(str(out))
+        for a, b in zip(got[1][1], [np.asarray(g[k][...]) for k in sorted(g.array_keys())]):
+            np.testing.assert_array_equal(a, b)
+        assert dict(g.attrs["octn4"]) == dict(got[1][2], input_digest=whole.digest)
     if pool == 3:                                                   # parts streamed into a NIfTI mask
         stage_mask(vol, bounds, tmp_path / "m.nii.gz", params=params, attrs={}, workers=pool)
         np.testing.assert_array_equal(open_volume(tmp_path / "m.nii.gz").read(0, vol.shape[0]), got[1][1][0])

@@ -431,13 +431,13 @@ def tissue_mask(volume, bounds: Sequence[tuple[int, int]], *, params: MaskParams
     return mask
 
 
-def _forward(volume_reader):
+def _forward(volume_reader, on_read=None):
     """A :class:`octn4.io.Volume` wrapped in a :class:`octn4.io.ForwardReader` (slabs read with halos that
-    ascend through Z then decompress each stored chunk once, not once per slab that touches it); any other
-    reader as it is."""
+    ascend through Z then decompress each stored chunk once, not once per slab that touches it; ``on_read``
+    sees every run of planes decompressed); any other reader as it is."""
     from .io import ForwardReader, Volume
 
-    return ForwardReader(volume_reader) if isinstance(volume_reader, Volume) else volume_reader
+    return ForwardReader(volume_reader, on_read) if isinstance(volume_reader, Volume) else volume_reader
 
 
 def _smoothed_slabs(volume_reader, z0: int, z1: int, params: MaskParams, xp, slab: int):
@@ -651,15 +651,20 @@ class KeptSection:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _keep_section(volume_reader, kept: KeptSection, params: MaskParams, xp, slab: int) -> None:
-    """Smooth :attr:`KeptSection.planes` once, in slabs, into ``kept``'s files, with the raw planes masked."""
+def _keep_section(volume_reader, kept: KeptSection, params: MaskParams, xp, slab: int, on_read=None) -> None:
+    """Smooth :attr:`KeptSection.planes` once, in slabs, into ``kept``'s files, with the raw planes masked
+    (``on_read``: see :func:`_forward`).
+
+    The files are not synced: another process reading them maps the same
+    pages, and they are removed once the section's mask is written, usually
+    before the kernel would write them back."""
     (s0, s1), (z0, z1) = kept.planes, kept.masked
     shape = tuple(volume_reader.shape[1:])
     kept.directory.mkdir(parents=True, exist_ok=True)
     sm_out = open_memmap(kept.smoothed_path, mode="w+", dtype=np.float32, shape=(s1 - s0, *shape))
     raw_out = None
     g, depth = _smoothing_halo(params), volume_reader.shape[0]
-    reader = _forward(volume_reader)
+    reader = _forward(volume_reader, on_read)
     for c0 in range(s0, s1, slab):
         c1 = min(s1, c0 + slab)
         r0, r1 = max(0, c0 - g), min(depth, c1 + g)
@@ -671,14 +676,11 @@ def _keep_section(volume_reader, kept: KeptSection, params: MaskParams, xp, slab
                 raw_out = open_memmap(kept.raw_path, mode="w+", dtype=np.asarray(raw).dtype,
                                       shape=(z1 - z0, *shape))
             raw_out[a - z0:b - z0] = np.asarray(raw[a - r0:b - r0])
-    sm_out.flush()
-    if raw_out is not None:
-        raw_out.flush()
     del sm_out, raw_out
 
 
 def section_plane_thresholds(volume_reader, bounds, i: int, *, params: MaskParams = MaskParams(), xp=np,
-                             slab: int = 16, keep=None) -> np.ndarray:
+                             slab: int = 16, keep=None, scan=None, check=None) -> np.ndarray:
     """The per-plane thresholds of section ``i`` alone (its planes only are read): what
     :func:`plane_thresholds` gives on its planes, to the last bit (each section's thresholds depend on its
     own planes only), so sections can be thresholded in separate processes.
@@ -687,13 +689,25 @@ def section_plane_thresholds(volume_reader, bounds, i: int, *, params: MaskParam
     closing's reach into the neighbours, :func:`kept_planes`) and keep them, with the raw own planes, for
     :func:`write_section_mask` (``kept=``), which then smooths and reads nothing.  Every plane is smoothed
     with its own Z halo, so its bits do not depend on the slab it was smoothed in.
+
+    ``scan``, a :class:`octn4.io.RowScan` (with ``keep``): fed the planes the
+    smoothing decompresses, so the section's share of the input scan costs
+    no read of its own; ``check(part)`` is then called with its
+    :class:`octn4.io.ScanPart` before any threshold is computed (it may
+    refuse the values).
     """
     z0, z1 = bounds[i]
+    if scan is not None and keep is None:
+        raise ValueError("a scan rides on the kept smoothing pass: give keep too")
     if keep is None:
         def slabs():
             return _smoothed_slabs(volume_reader, z0, z1, params, xp, slab)
     else:
-        _keep_section(volume_reader, keep, params, xp, slab)
+        _keep_section(volume_reader, keep, params, xp, slab, on_read=None if scan is None else scan.feed)
+        if scan is not None:
+            part = scan.result()
+            if check is not None:
+                check(part)
 
         def slabs():
             for c0 in range(z0, z1, slab):
@@ -772,7 +786,7 @@ def write_section_mask(volume_reader, bounds, i: int, thr_of_plane, writer, *, p
 
 
 def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = MaskParams(), xp=np,
-                      slab: int = 16, progress=None, plane_stats=None, scratch=None) -> np.ndarray:
+                      slab: int = 16, progress=None, plane_stats=None, scratch=None, scans=None) -> np.ndarray:
     """Compute the tissue mask in Z slabs and write it with ``writer.write(z0, block)``.
 
     Holds ``slab`` planes plus a halo of ``4*sigma_z + 2k`` planes on each
@@ -795,7 +809,12 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
     :func:`sections_reached`), so about two sections' planes are on disk at
     a time.
     Without it the mask pass reads and smooths again.  The same mask either way.
+    ``scans`` (with ``scratch``): ``scans.start(j)`` gives section ``j``'s
+    :class:`octn4.io.RowScan` and ``scans.done(j, part)`` takes its result
+    (see :func:`section_plane_thresholds`).
     """
+    if scans is not None and scratch is None:
+        raise ValueError("scans ride on the kept smoothing pass: give scratch too")
     if scratch is None:
         thr_of_plane = plane_thresholds(volume_reader, bounds, params=params, xp=xp, slab=slab)
         for i in range(len(bounds)):
@@ -811,8 +830,10 @@ def write_tissue_mask(volume_reader, bounds, writer, *, params: MaskParams = Mas
     def threshold(j):
         kept[j] = KeptSection(Path(scratch) / f"section_{j}", bounds, j, depth, params)
         z0, z1 = bounds[j]
-        thr_of_plane[z0:z1] = section_plane_thresholds(volume_reader, bounds, j, params=params, xp=xp, slab=slab,
-                                                       keep=kept[j])
+        scan = None if scans is None else scans.start(j)
+        thr_of_plane[z0:z1] = section_plane_thresholds(
+            volume_reader, bounds, j, params=params, xp=xp, slab=slab, keep=kept[j], scan=scan,
+            check=None if scans is None else (lambda part: scans.done(j, part)))
 
     done = 0                                      # sections thresholded: 0 .. done - 1
     try:

@@ -21,7 +21,9 @@ as :func:`octn4.io.scan_volume` would: each thresholds task scans the
 slabs that start in its section (:func:`octn4.io.scan_rows`) and refuses
 NaN, Inf or negative values at once; the finishing task combines the scans
 in Z order and refuses an empty, constant or log-scaled volume, so the
-digest and the checks equal a scan of the whole.
+digest and the checks equal a scan of the whole.  :func:`stage_mask` can do
+the same on the planes its smoothing pass reads (``validate=``,
+:class:`SectionScans`), so ``octn4 run`` reads its input once less.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from .errors import InputError
 from .io import (
     CHUNKS,
     PartWriter,
+    RowScan,
+    ScanPart,
+    ScanResult,
     Volume,
     atomic_dir,
     combine_scan,
@@ -101,8 +106,42 @@ def _store_thresholds(attrs: dict, thresholds) -> None:
     attrs["plane_thresholds"] = [None if not math.isfinite(t) else float(t) for t in thresholds]
 
 
+class SectionScans:
+    """The input scan taken from the mask's smoothing pass: each section's share (a
+    :class:`octn4.io.RowScan` fed the planes that pass decompresses, so validating the input costs no read
+    of its own), checked for NaN, Inf and negative values as soon as the section is read, then combined in
+    Z order into what :func:`octn4.io.scan_volume` gives."""
+
+    def __init__(self, vol: Volume, bounds):
+        self.vol, self.bounds = vol, [tuple(b) for b in bounds]
+        self.parts: dict[int, ScanPart] = {}
+
+    def start(self, i: int) -> RowScan:
+        return RowScan(self.vol, *self.bounds[i])
+
+    def done(self, i: int, part: ScanPart) -> None:
+        check_section_scan(self.vol, self.bounds, i, part)
+        self.parts[i] = part
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts) == len(self.bounds)
+
+    def combined(self) -> ScanResult:
+        return combine_scan(self.vol, [self.parts[i] for i in range(len(self.bounds))])
+
+
+def check_section_scan(vol: Volume, bounds, index: int, part: ScanPart) -> None:
+    """Refuse NaN, Inf or negative values in section ``index``'s share of the scan, naming its planes."""
+    if part.nonfinite or part.negative:
+        try:
+            validate_scan(combine_scan(vol, [part]), vol.path, check_log_scale=False)
+        except InputError as exc:
+            raise _section_problem(exc, index, scanned_planes(vol, *bounds[index])) from None
+
+
 def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict, overwrite=False,
-               workers: int = 1) -> np.ndarray:
+               workers: int = 1, validate=None) -> np.ndarray:
     """Write the tissue mask of ``vol`` (uint8, 1 = tissue) to ``out_path``, with per-plane statistics.
 
     Each section is smoothed once: its threshold pass keeps the smoothed
@@ -118,9 +157,21 @@ def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict
     by link, in Z order (:func:`_mask_in_parallel`).  The mask equals the
     serial one bit for bit.  Each worker holds what the serial stage holds
     (a slab and its halo).
+
+    ``validate(scan)``: the stage also scans the input (:class:`SectionScans`:
+    each section's share from the planes its smoothing reads, NaN, Inf and
+    negative values refused there), and calls ``validate`` with the whole
+    :class:`octn4.io.ScanResult` once every section is thresholded; it may
+    raise, and the attributes it returns are added to the mask's.
     """
     stats = PlaneStatsRecorder(vol.shape[0])
     workers = min(workers, len(bounds)) if vol.format != "nifti" else 1
+    scans = SectionScans(vol, bounds) if validate is not None else None
+    extra = {}
+
+    def scanned():
+        extra.update(validate(scans.combined()) or {})
+
     out_path = Path(out_path)
     with create_writer(out_path, vol.shape, vol.voxel_size, dtype=np.uint8, reduce="max", chunks=CHUNKS,
                        attrs=attrs, overwrite=overwrite, affine=vol.affine) as w, \
@@ -129,10 +180,13 @@ def stage_mask(vol: Volume, bounds, out_path, *, params: MaskParams, attrs: dict
             if workers > 1:
                 with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.parts-", dir=out_path.parent) as parts:
                     thresholds = _mask_in_parallel(vol, bounds, w, params, workers, stats, advance, scratch,
-                                                   Path(parts))
+                                                   Path(parts), scans=scans, scanned=scanned)
             else:
                 thresholds = write_tissue_mask(vol, bounds, w, params=params, progress=lambda i: advance(),
-                                               plane_stats=stats, scratch=scratch)
+                                               plane_stats=stats, scratch=scratch, scans=scans)
+                if scans is not None:
+                    scanned()
+        w.attrs.update(extra)
         _store_thresholds(w.attrs, thresholds)
         stats.store(w.attrs)
         w.commit()
@@ -186,10 +240,12 @@ def _kept(scratch, bounds, i: int, depth: int, params: MaskParams) -> KeptSectio
 
 
 def _mask_thresholds_task(job):
-    path, voxel_size, bounds, i, params, scratch = job
+    path, voxel_size, bounds, i, params, scratch, scan = job
     vol = open_volume(path, voxel_size=voxel_size)
-    return "thresholds", i, section_plane_thresholds(vol, bounds, i, params=params,
-                                                     keep=_kept(scratch, bounds, i, vol.shape[0], params))
+    rows = RowScan(vol, *bounds[i]) if scan else None
+    thr = section_plane_thresholds(vol, bounds, i, params=params, keep=_kept(scratch, bounds, i, vol.shape[0], params),
+                                   scan=rows, check=lambda part: check_section_scan(vol, bounds, i, part))
+    return "thresholds", i, (thr, None if rows is None else rows.part)
 
 
 def _mask_part_task(job):
@@ -202,7 +258,7 @@ def _mask_part_task(job):
 
 
 def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: int, stats, advance, scratch,
-                      parts: Path) -> np.ndarray:
+                      parts: Path, *, scans: SectionScans | None = None, scanned=None) -> np.ndarray:
     """Thresholds and mask parts of the sections in a pool, then the parts taken into ``writer`` in Z order.
 
     Section ``i``'s part (the chunk rows it owns) is written by its own task
@@ -210,7 +266,9 @@ def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: 
     (:func:`octn4.mask.sections_reached`) have their thresholds;
     thresholding runs at most ``workers + 1`` sections ahead of the parts
     finished in Z order, which bounds the planes kept on disk.  A section
-    inside one chunk row owns no rows and has no part.
+    inside one chunk row owns no rows and has no part.  With ``scans``, each
+    thresholds task also scans its section (checked in the task), and
+    ``scanned()`` is called as soon as every section is thresholded.
     """
     n, depth = len(bounds), vol.shape[0]
     owned = [owned_planes(bounds, i, depth) for i in range(n)]
@@ -226,7 +284,8 @@ def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: 
         while through < n:
             limit = max(through + workers + 1, (reach[through][-1] + 1) if has_part[through] else 0)
             while next_thr < min(n, limit):
-                running.add(pool.submit(_mask_thresholds_task, job + (next_thr, params, scratch)))
+                running.add(pool.submit(_mask_thresholds_task, job + (next_thr, params, scratch,
+                                                                      scans is not None)))
                 next_thr += 1
             for i in range(through, n):
                 if has_part[i] and i not in submitted and all(j in thresholded for j in reach[i]):
@@ -241,8 +300,12 @@ def _mask_in_parallel(vol: Volume, bounds, writer, params: MaskParams, workers: 
                     finished.add(i)
                 else:
                     z0, z1 = bounds[i]
-                    thresholds[z0:z1] = got
+                    thresholds[z0:z1], part = got
                     thresholded.add(i)
+                    if scans is not None:
+                        scans.parts[i] = part
+                        if scans.complete:
+                            scanned()
                     if not has_part[i]:
                         finished.add(i)
                         advance()
@@ -278,11 +341,7 @@ def stage_mask_thresholds_files(input_path, bounds, index: int, out_dir, *, para
     z0, z1 = bounds[index]
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         scan = scan_rows(vol, z0, z1)
-        if scan.nonfinite or scan.negative:
-            try:
-                validate_scan(combine_scan(vol, [scan]), vol.path, check_log_scale=False)
-            except InputError as exc:
-                raise _section_problem(exc, index, scanned_planes(vol, z0, z1)) from None
+        check_section_scan(vol, bounds, index, scan)
         thresholds = section_plane_thresholds(vol, bounds, index, params=params)
         np.save(tmp / "thresholds.npy", np.asarray(thresholds, np.float32))
         picks = scan.picks

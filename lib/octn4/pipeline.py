@@ -287,19 +287,39 @@ def run(input_path, outdir, config: RunConfig, *, resume: bool = False) -> dict:
         raise InputError("output directory already exists; pass --overwrite to replace it", outdir)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    vol, scan = open_input(input_path, voxel_size=config.voxel_size, check_log_scale=config.check_log_scale,
-                           with_scan=True, workers=config.workers)
+    vol = open_volume(input_path, voxel_size=config.voxel_size)
+    # the input is validated by a scan of its own, or, when the mask stage reads all of it anyway (a Zarr
+    # input, no mask given, nothing to resume: a resumed run needs the input's digest first), by the mask
+    # stage's smoothing pass (mask_stage.SectionScans): the same checks and digest, one read less
+    fused = config.mask_path is None and not resume and vol.format != "nifti"
+    scan = None
+    if not fused:
+        scan = scan_volume(vol, workers=config.workers)
+        validate_scan(scan, vol.path, check_log_scale=config.check_log_scale)
     bounds = config.bounds(vol)
     timings["validate"] = time.perf_counter() - t_start
     with run_folder(outdir, overwrite=config.overwrite, resume=resume) as tmp:
         attrs = provenance("run", vol, config.as_dict(), engine=config.engine, device=config.device,
-                           extra={"sections": [list(b) for b in bounds], "input_digest": scan.digest})
+                           extra={"sections": [list(b) for b in bounds],
+                                  "input_digest": None if scan is None else scan.digest})
         work = _ingest(vol, tmp / ".work" / "input.zarr") if vol.format == "nifti" else vol
         ext = ".nii.gz" if config.output_format == "nifti" else ".ome.zarr"
         mask_path = tmp / f"mask{ext}"
         t0 = time.perf_counter()
         reused = {"mask": False, "sections": []}
-        if config.mask_path is None:
+        if config.mask_path is None and fused:
+            got = {}
+
+            def validated(whole):
+                validate_scan(whole, vol.path, check_log_scale=config.check_log_scale)
+                got["scan"], got["keys"] = whole, _resume_keys(whole, vol, bounds, config)
+                return {"input_digest": whole.digest, "resume_key": got["keys"]["mask"]}
+
+            stage_mask(work, bounds, mask_path, params=config.mask, overwrite=True, workers=config.workers,
+                       attrs=dict(attrs, output="mask"), validate=validated)
+            scan, keys = got["scan"], got["keys"]
+            attrs["input_digest"] = scan.digest
+        elif config.mask_path is None:
             keys = _resume_keys(scan, vol, bounds, config)
             if resume and _reusable_mask(mask_path, keys["mask"]):
                 reused["mask"] = True
