@@ -17,15 +17,16 @@ In one run, on one stack (``--stack``, e.g. a 4 GiB ``octn4 synth --shape
    pyramid level, bit for bit.
 4. **A prediction for N nodes** from the measured per-task times and
    the DAG: the mask's tasks (per section, twice, then a finish per brain),
-   ``N4_SECTION`` (one task per section), ``N4_GLOBAL`` (gains and global
-   fit), ``APPLY_SECTION`` (one task per section) and ``FINISH`` (one per
+   ``N4_SECTION`` (one task per section, with the section's summary for the
+   global pass: ``octn4 run``'s ``summaries`` stage), ``N4_GLOBAL`` (gains
+   and global fit from the summaries), ``APPLY_SECTION`` (one task per section) and ``FINISH`` (one per
    brain: links and pyramids).  The critical path is ``waves x (mask
    thresholds + mask part) + mask finish + waves x section + global +
    waves x apply + finish`` with ``waves = ceil(sections / (N * cores))``,
    the mask tasks' times as measured in 3 (without ``--mask-tasks``, the
    run's mask stage, on one node whatever N is), and a section or apply
    task's time as its stage's seconds x the workers / sections.  For a 1 TB
-   brain the per-brain stages (the finishes, the global task's reads) are
+   brain the per-brain stages (the finishes, the gains and global fit) are
    scaled by voxels and the section count by depth at the same section
    thickness.  A model, not a measurement: it ignores queueing, staging and
    file-system contention.
@@ -187,7 +188,8 @@ def predict(metrics: dict, cores: int, nodes: int, scale_voxels: float = 1.0, ma
     workers = max(1, min(cores, n))
     n_scaled = math.ceil(n * scale_voxels)            # the same section thickness: sections grow with depth
     waves = math.ceil(n_scaled / (nodes * cores))      # one section (or apply) task per core
-    per_task = (t["sections"] + t["apply"]) * workers / n
+    # the section summaries are the section tasks' work in the workflow (octn4 run makes them in its global stage)
+    per_task = (t["sections"] + t.get("summaries", 0.0) + t["apply"]) * workers / n
     per_brain = t.get("gains", 0.0) + t["global_fit"] + t.get("finish", 0.0)
     if mask is None:                                   # the run's mask stage: one node
         per_brain += t["validate"] + t["mask"]

@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mask", type=Path, help="tissue mask from octn4_mask_finish.py")
     p.add_argument("sections", type=Path, help="assembled record from octn4_assemble.py")
     p.add_argument("out", type=Path, help="the solution to write (.json: gains, global field, provenance)")
+    p.add_argument("--summaries", type=Path, nargs="+",
+                   help="the sections' summaries (octn4_section.py --summary): the gains and the global fit "
+                        "grid then read them, not the volume")
     cli.add_voxel_size_arg(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--workers", type=int, default=1,
@@ -31,7 +34,8 @@ def run(a) -> None:
     config = pipeline.RunConfig(global_n4=cli.n4_params(a, "global-"), gains=cli.gain_params(a),
                                 threads=a.threads, workers=a.workers, overwrite=a.overwrite, engine=a.engine,
                                 device=a.device, voxel_size=a.voxel_size)
-    global_stage.stage_global_files(a.input, a.mask, a.sections, a.out, config=config)
+    global_stage.stage_global_files(a.input, a.mask, a.sections, a.out, config=config,
+                                    summaries=a.summaries)
 
 
 def main(argv=None) -> int:

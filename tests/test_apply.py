@@ -192,3 +192,82 @@ def test_global_fit_grid_read_in_processes_equals_one_process(solved):
     assert one.field.to_dict() == two.field.to_dict()
     assert {k: v for k, v in one.summary().items() if k not in drop} == \
         {k: v for k, v in two.summary().items() if k not in drop}
+
+
+def test_the_global_grid_from_section_summaries_is_the_volumes_block_means(solved):
+    """Blocks inside one section: the block means of the volume over the section bias, bit for bit with no
+    gain; blocks across a boundary, and gains, change only the order and place of float64 roundings."""
+    from dataclasses import replace
+
+    from octn4.apply import section_fields, section_log_field
+    from octn4.global_summary import combined_grid, section_summary
+    from octn4.params import shrink_factors
+    from octn4.shrink import block_indices, block_mean_grid
+
+    vol, msk, solution, _ = solved
+    params = RunConfig(planes=PLANES).global_n4
+    assert shrink_factors(vol.shape, vol.voxel_size, params)[0] == 1      # the defaults: no block across a cut
+    params = replace(params, shrink_factor=(3, 4, 4))                      # 3-plane blocks, some across cuts
+    s = shrink_factors(vol.shape, vol.voxel_size, params)
+    blocks = block_indices(vol.shape[0], s[0])
+    for gains in (False, True):
+        records = [r if gains else dict(r, gain_log=0.0) for r in solution["sections"]]
+        assert not gains or any(abs(r["gain_log"]) > 0.01 for r in records)
+        fields = section_fields(records)
+        want, want_fit = block_mean_grid(vol, msk, blocks, s, log_field=lambda zb, f=fields: section_log_field(f, zb))
+        sums = [section_summary(vol, msk, r, global_params=params, gains=None) for r in records]
+        got, got_fit = combined_grid(sums, [r["gain_log"] for r in records], vol.shape, s)
+        np.testing.assert_array_equal(got_fit, want_fit)
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+        inside = [j for j, zb in enumerate(blocks)
+                  if any(a <= zb.min() and zb.max() < b for a, b in (r[:2] for r in fields))]
+        assert 0 < len(inside) < len(blocks)                     # both kinds of block are here
+        if not gains:
+            np.testing.assert_array_equal(got[inside], want[inside])
+
+
+def test_the_global_task_reads_the_summaries_not_the_volume(solved, tmp_path):
+    """octn4_global.py --summaries on a volume and mask stripped of every chunk (their metadata kept):
+    the same solution as the one made reading them."""
+    from octn4.global_stage import stage_global_files
+    from octn4.io import write_json
+    from octn4.section_stage import assemble_sections
+
+    vol, msk, solution, root = solved
+    config = RunConfig(planes=PLANES)
+    from dataclasses import replace
+
+    config = replace(config, global_n4=replace(config.global_n4, maximum_number_of_iterations=(10,)))
+    records = [{k: v for k, v in r.items() if k not in ("gain_log", "gain_anchor_log")}
+               for r in solution["sections"]]
+    write_json({"sections": assemble_sections(records)}, tmp_path / "sections.json")
+    from octn4.global_summary import section_summary, write_summary
+
+    paths = [write_summary(section_summary(vol, msk, r, global_params=config.global_n4, gains=config.gains),
+                           tmp_path / f"summary_{r['index']}") for r in records]
+    bare = {}
+    for name, src in (("volume", vol.path), ("mask", msk.path)):
+        bare[name] = tmp_path / f"{name}.ome.zarr"
+        shutil.copytree(src, bare[name])
+        chunks = [p for p in bare[name].rglob("c") if p.is_dir()]
+        assert chunks
+        for c in chunks:
+            shutil.rmtree(c)
+    full = stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "full.json", config=config,
+                              summaries=None)
+    thin = stage_global_files(bare["volume"], bare["mask"], tmp_path / "sections.json", tmp_path / "thin.json",
+                              config=config, summaries=paths)
+    assert thin["global"] == full["global"] == solution["global"]
+    assert [r["gain_log"] for r in thin["sections"]] == [r["gain_log"] for r in solution["sections"]]
+    assert thin["gain_boundaries"] == solution["gain_boundaries"]
+    # a summary made for another global grid, or missing, is refused, naming it
+    other = replace(config.global_n4, shrink_factor=(1, 2, 2))
+    bad = write_summary(section_summary(vol, msk, records[1], global_params=other, gains=config.gains),
+                        tmp_path / "bad_1")
+    with pytest.raises(InputError, match="another stack or global grid") as err:
+        stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "x.json", config=config,
+                           summaries=[paths[0], bad, *paths[2:]])
+    assert "bad_1" in str(err.value)
+    with pytest.raises(InputError, match="no summary of section 3"):
+        stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "x.json", config=config,
+                           summaries=paths[:3] + paths[4:])

@@ -56,6 +56,7 @@ workflow OCTN4 {
     ASSEMBLE(gatherSections(N4_SECTION.out.record))
 
     ch_global = ch_volume_mask.join(ASSEMBLE.out.sections, failOnMismatch: true, failOnDuplicate: true)
+        .join(gatherSections(N4_SECTION.out.summary), failOnMismatch: true, failOnDuplicate: true)
     N4_GLOBAL(ch_global)
 
     // fan out again: one apply task per section, each writing the chunk rows it owns

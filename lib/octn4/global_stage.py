@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,15 +34,14 @@ from .gains import (
     solve_gains,
     touching_step,
 )
+from .global_summary import Summary, combined_grid, read_summaries, section_summary, write_summary
 from .io import Volume, open_mask, open_volume, read_attrs, write_json
-from .mask import above_in_plane
 from .n4 import fit_bias
 from .params import N4Params, shrink_factors
 from .progress import progress
 from .provenance import provenance
 from .section_stage import read_assembled
 from .sections import section_bounds
-from .shrink import block_indices, block_mean_grid
 from .workers import worker_pool
 
 if TYPE_CHECKING:
@@ -49,39 +49,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("octn4")
 
-__all__ = ["harmonise_gains", "fit_global", "solve_global", "stage_global_files", "stage_parameters"]
+__all__ = ["harmonise_gains", "section_summaries", "fit_global", "solve_global", "stage_global_files",
+           "stage_parameters"]
 
 
 def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
-                    mask_sigma: float = defaults.MASK.smoothing_sigma):
+                    mask_sigma: float = defaults.MASK.smoothing_sigma, summaries=None):
     """One gain per section from the tissue at each boundary (see :mod:`octn4.gains`).
 
     Reads the two planes that touch each boundary ('touching') or
-    ``2 * boundary_planes`` planes ('planes').  Returns the records
-    with ``gain_log`` set, and a per-boundary report.
+    ``2 * boundary_planes`` planes ('planes'), from the sections' summaries
+    (:mod:`octn4.global_summary`) when given, else from the volume.  Returns
+    the records with ``gain_log`` set, and a per-boundary report.
     """
-    fields = section_fields(records)
-    k = params.boundary_planes if params.estimator == "planes" else 1
-    thresholds = mask_plane_thresholds(msk)
+    if summaries is None:
+        thresholds = mask_plane_thresholds(msk)
+        summaries = [section_summary(vol, msk, r, global_params=None, gains=params, mask_sigma=mask_sigma,
+                                     thresholds=thresholds) for r in records]
     steps, report = [], []
-    for (a0, a1, fa, _), (b0, b1, fb, _) in zip(fields[:-1], fields[1:]):
-        ka, kb = min(k, a1 - a0), min(k, b1 - b0)
-        raw_before, raw_after = vol.read(a1 - ka, a1), vol.read(b0, b0 + kb)
-        before = raw_before / np.exp(fa.evaluate(np.arange(a1 - ka, a1) - a0))
-        after = raw_after / np.exp(fb.evaluate(np.arange(kb)))
-        last, first = msk.read(a1 - 1, a1)[0] > 0, msk.read(b0, b0 + 1)[0] > 0
-        if thresholds is not None:
-            # tissue by intensity in each touching plane: the mask's Z smoothing and closing can carry one
-            # section's tissue into the neighbour's end plane (a damaged or missing slab)
-            last &= above_in_plane(raw_before[-1:], thresholds[a1 - 1:a1], mask_sigma)[0]
-            first &= above_in_plane(raw_after[:1], thresholds[b0:b0 + 1], mask_sigma)[0]
+    for r, a, b in zip(records[1:], summaries[:-1], summaries[1:]):
+        before, after = np.asarray(a["tail"]), np.asarray(b["head"])
+        last, first = np.asarray(a["tail_tissue"]), np.asarray(b["head_tissue"])
         if params.estimator == "touching":
             d, n = touching_step(before[-1], after[0], last, first, sigma=params.smoothing_px,
                                  min_shared=params.min_shared)
         else:
             d, n = boundary_steps_from_data(before, after, last, first, min_shared=params.min_shared)
         steps.append(d)
-        report.append({"z": a1, "step_log": d, "shared_tissue_pixels": n, "bridged": d is None})
+        report.append({"z": int(r["z_start"]), "step_log": d, "shared_tissue_pixels": n, "bridged": d is None})
     weights = [r["fit"]["fit_voxels"] * math.prod(r["fit"]["shrink"]) for r in records]
     gains = solve_gains(steps, weights)
     anchor = None
@@ -107,48 +102,58 @@ def harmonise_gains(vol: Volume, msk: Volume, records, *, params: GainParams,
             for i, (r, g) in enumerate(zip(records, gains))], report
 
 
-def _global_grid_task(job):
-    input_path, mask_path, voxel_size, records, blocks, s = job
+def _summary_task(job):
+    input_path, mask_path, voxel_size, record, global_params, gains, mask_sigma, out = job
     vol = open_volume(input_path, voxel_size=voxel_size)
-    fields = section_fields(records)
-    return block_mean_grid(vol, open_mask(mask_path, vol), blocks, s,
-                            log_field=lambda zb: section_log_field(fields, zb))
+    sm = section_summary(vol, open_mask(mask_path, vol), record, global_params=global_params, gains=gains,
+                         mask_sigma=mask_sigma)
+    return sm if out is None else str(write_summary(sm, out))
 
 
-def _global_grid_in_parallel(vol: Volume, msk: Volume, records, blocks, s, workers: int, advance):
-    """:func:`block_mean_grid` of the global pass over runs of consecutive Z blocks in ``workers``
-    processes: each block's mean is computed alone, so the grid is the one-process grid, bit for bit."""
-    runs = [r for r in np.array_split(np.arange(len(blocks)), min(len(blocks), 2 * workers)) if r.size]
-    jobs = [(vol.path, msk.path, vol.voxel_size, records, blocks[r], s) for r in runs]
-    imgs, fits = [], []
-    with worker_pool(workers, f"a process reading the global fit grid was killed (most often out of memory: "
-                              f"{workers} workers each held the chunk rows under one Z block); use fewer --workers "
-                              "or more memory") as pool:
-        for r, (img, fit) in zip(runs, pool.map(_global_grid_task, jobs)):
-            imgs.append(img)
-            fits.append(fit)
-            advance(len(r))
-    return np.concatenate(imgs), np.concatenate(fits)
+def section_summaries(vol: Volume, msk: Volume, records, *, global_params: N4Params, gains: GainParams,
+                      mask_sigma: float = defaults.MASK.smoothing_sigma, workers: int = 1, out_dir=None):
+    """Every section's summary (:mod:`octn4.global_summary`), ``workers`` sections at a time; written under
+    ``out_dir`` and opened from there (memory-mapped) when given, else kept in memory."""
+    out = None if out_dir is None else Path(out_dir)
+    jobs = [(vol.path, msk.path, vol.voxel_size, r, global_params, gains, mask_sigma,
+             None if out is None else out / f"section_{r['index']}") for r in records]
+    done = []
+    with progress(len(jobs), "global N4: section summaries") as advance:
+        if workers > 1 and len(jobs) > 1 and "nifti" not in (vol.format, msk.format):
+            with worker_pool(workers, f"a process summarising a section for the global pass was killed (most "
+                                      f"often out of memory: {workers} workers each held the chunk rows under "
+                                      "one Z block and a section's end planes); use fewer --workers or more "
+                                      "memory") as pool:
+                for got in pool.map(_summary_task, jobs):
+                    done.append(got)
+                    advance()
+        else:
+            thresholds = mask_plane_thresholds(msk)
+            for job in jobs:
+                sm = section_summary(vol, msk, job[3], global_params=global_params, gains=gains,
+                                     mask_sigma=mask_sigma, thresholds=thresholds)
+                done.append(sm if out is None else str(write_summary(sm, job[-1])))
+                advance()
+    return [Summary(d) if isinstance(d, str) else d for d in done]
 
 
 def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: int = 1,
-               engine: str = "octn4", device: str = "cpu", workers: int = 1) -> FitResult:
-    """Global N4 on a shrunk copy of ``input / section_bias``, read plane by plane (the 'mean' grid's Z
-    blocks in ``workers`` processes when the input and mask are Zarr)."""
+               engine: str = "octn4", device: str = "cpu", workers: int = 1, summaries=None) -> FitResult:
+    """Global N4 on a shrunk copy of ``input / section_bias``: the 'mean' grid combined from the sections'
+    summaries (made here, in ``workers`` processes, when not given), the 'subsample' grid read plane by
+    plane."""
     fields = section_fields(records)
     s = shrink_factors(vol.shape, vol.voxel_size, params)
     (oz, mz), (oy, my), (ox, mx) = (shrink_grid(n, k) for n, k in zip(vol.shape, s))
     iy, ix = oy + s[1] * np.arange(my), ox + s[2] * np.arange(mx)
     ys, xs = slice(oy, oy + s[1] * my, s[1]), slice(ox, ox + s[2] * mx, s[2])
-    with progress(mz, "global N4: reading shrunk copy") as advance:
-        blocks = block_indices(vol.shape[0], s[0])
-        if params.shrink_mode == "mean" and workers > 1 and mz > 1 and "nifti" not in (vol.format, msk.format):
-            sub, sub_mask = _global_grid_in_parallel(vol, msk, records, blocks, s, workers, advance)
-        elif params.shrink_mode == "mean":
-            sub, sub_mask = block_mean_grid(vol, msk, blocks, s,
-                                             log_field=lambda zb: section_log_field(fields, zb), advance=advance)
-        else:
-            sub, sub_mask = np.empty((mz, my, mx), np.float32), np.empty((mz, my, mx), bool)
+    if params.shrink_mode == "mean":
+        if summaries is None:
+            summaries = section_summaries(vol, msk, records, global_params=params, gains=None, workers=workers)
+        sub, sub_mask = combined_grid(summaries, [f[3] for f in fields], vol.shape, s)
+    else:
+        sub, sub_mask = np.empty((mz, my, mx), np.float32), np.empty((mz, my, mx), bool)
+        with progress(mz, "global N4: reading shrunk copy") as advance:
             for j in range(mz):
                 z = oz + s[0] * j
                 f = section_log_field(fields, [z], iy, ix)
@@ -160,18 +165,29 @@ def fit_global(vol: Volume, msk: Volume, records, *, params: N4Params, threads: 
                     params=params, threads=threads, engine=engine, device=device)
 
 
-def solve_global(vol: Volume, msk: Volume, records, *, config: RunConfig, attrs: dict, timings: dict) -> dict:
+def solve_global(vol: Volume, msk: Volume, records, *, config: RunConfig, attrs: dict, timings: dict,
+                 summaries=None, work_dir=None) -> dict:
     """Section gains and the global fit: the *solution* every apply task and the finishing step read
-    (:mod:`octn4.apply`): the records with their gains, the global field, the gain report, the provenance."""
+    (:mod:`octn4.apply`): the records with their gains, the global field, the gain report, the provenance.
+
+    Both read the sections' summaries (:mod:`octn4.global_summary`); when none are given they are made
+    here from the volume (under ``work_dir`` when given), ``config.workers`` sections at a time.
+    """
+    if summaries is None:
+        t0 = time.perf_counter()
+        summaries = section_summaries(vol, msk, records, global_params=config.global_n4, gains=config.gains,
+                                      mask_sigma=config.mask.smoothing_sigma, workers=config.workers,
+                                      out_dir=work_dir)
+        timings["summaries"] = time.perf_counter() - t0
     gain_report = []
     if config.gains.enabled and len(records) > 1:
         t0 = time.perf_counter()
         records, gain_report = harmonise_gains(vol, msk, records, params=config.gains,
-                                               mask_sigma=config.mask.smoothing_sigma)
+                                               mask_sigma=config.mask.smoothing_sigma, summaries=summaries)
         timings["gains"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gfit = fit_global(vol, msk, records, params=config.global_n4, threads=config.total_threads,
-                      engine=config.engine, device=config.device, workers=config.workers)
+                      engine=config.engine, device=config.device, workers=config.workers, summaries=summaries)
     timings["global_fit"] = time.perf_counter() - t0
     attrs = dict(attrs, global_fit=gfit.summary(), gain_boundaries=gain_report,
                  section_fits=[dict(r["fit"], index=r["index"], gain_log=r.get("gain_log", 0.0),
@@ -181,8 +197,13 @@ def solve_global(vol: Volume, msk: Volume, records, *, config: RunConfig, attrs:
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
 
-def stage_global_files(input_path, mask_path, sections_json, out_json, *, config: RunConfig) -> dict:
-    """The global stage from files: input, mask, assembled section records -> the solution ``out_json``."""
+def stage_global_files(input_path, mask_path, sections_json, out_json, *, config: RunConfig,
+                       summaries=None) -> dict:
+    """The global stage from files: input, mask, assembled section records -> the solution ``out_json``.
+
+    With ``summaries`` (the sections' summary folders) neither the gains nor the 'mean' fit grid read the
+    volume; without, they are made from it first.
+    """
     t_start = time.perf_counter()
     out_json = Path(out_json)
     if out_json.exists() and not config.overwrite:
@@ -194,7 +215,12 @@ def stage_global_files(input_path, mask_path, sections_json, out_json, *, config
     attrs = provenance("global", vol, stage_parameters(config, msk, records), engine=config.engine,
                        device=config.device, extra={"sections": bounds, "stages": _stage_records(msk, records)})
     timings: dict[str, float] = {}
-    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings)
+    if summaries:
+        summaries = read_summaries(summaries, records, vol_shape=vol.shape, voxel_size=vol.voxel_size,
+                                   global_params=config.global_n4, gains=config.gains)
+    with tempfile.TemporaryDirectory(prefix=".octn4-summaries-", dir=out_json.parent) as work:
+        solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings,
+                                summaries=summaries or None, work_dir=Path(work))
     solution["timings_s"]["global_total"] = round(time.perf_counter() - t_start, 3)
     write_json(solution, out_json)
     return solution

@@ -167,7 +167,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                  timings: dict) -> dict:
     """Gains, global fit, the apply one part per section, then the outputs ``corrected``, ``bias``,
     ``fields.json``, ``metrics.json`` in ``outdir`` (a private temporary folder)."""
-    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings)
+    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings,
+                            work_dir=outdir / ".work" / "summaries")
     t0 = time.perf_counter()
     parts = apply_parts(vol, msk, solution, outdir / ".work" / "parts", tile_mib=config.tile_mib,
                         workers=1 if config.device == "cuda" else config.workers)

@@ -23,6 +23,7 @@ from .depth import fit_depth_profiles
 from .errors import InputError
 from .fit_result import FitResult
 from .gains import log_histogram
+from .global_summary import section_summary, write_summary
 from .io import Volume, open_mask, open_volume, read_attrs, write_json
 from .n4 import fit_bias, fit_bias_batch
 from .params import N4Params, shrink_factors
@@ -175,14 +176,22 @@ def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, 
 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
-                  threads=1, engine="octn4", device="cpu", attrs=None, overwrite=False) -> dict:
-    """:func:`fit_section`, written to ``out_json``."""
+                  threads=1, engine="octn4", device="cpu", attrs=None, overwrite=False, summary=None,
+                  global_params: N4Params | None = None, gains=None) -> dict:
+    """:func:`fit_section`, written to ``out_json``; with ``summary`` (a folder), also what the global pass
+    needs from the section (:func:`octn4.global_summary.section_summary`: its share of the fit grid that
+    ``global_params`` make, its end planes for ``gains``)."""
     out_json = Path(out_json)
-    if out_json.exists() and not overwrite:
-        raise InputError("output already exists; pass --overwrite to replace it", out_json)
+    for out in (out_json, summary):
+        if out is not None and Path(out).exists() and not overwrite:
+            raise InputError("output already exists; pass --overwrite to replace it", out)
     rec = fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
                       threads=threads, engine=engine, device=device)
     rec["provenance"] = attrs or {}
+    if summary is not None:
+        vol = open_volume(input_path, voxel_size=voxel_size)
+        write_summary(section_summary(vol, open_mask(mask_path, vol), rec, global_params=global_params,
+                                      gains=gains), summary)
     write_json(rec, out_json)
     return rec
 

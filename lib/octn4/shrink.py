@@ -31,7 +31,8 @@ from .bspline import shrink_grid
 from .errors import InputError
 from .io import ForwardReader, Volume
 
-__all__ = ["SHRINK_MODES", "block_indices", "block_mean_plane", "shrink_volume"]
+__all__ = ["SHRINK_MODES", "block_indices", "block_tissue_sums", "block_mean_from_sums", "block_mean_plane",
+           "shrink_volume"]
 
 SHRINK_MODES = ("subsample", "mean")
 
@@ -46,12 +47,13 @@ def block_indices(n: int, s: int) -> np.ndarray:
     return np.clip(start[:, None] + np.arange(s)[None, :], 0, n - 1)
 
 
-def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
-    """Tissue mean over the Y/X blocks of a stack of planes (one Z block), on the planes' device.
+def block_tissue_sums(planes, tissue, shrink_yx, shape_yx):
+    """Tissue sums and counts over the Y/X blocks of a stack of planes, on the planes' device.
 
-    ``planes``, ``tissue`` : (k, Y, X) intensities and tissue mask of the
-    block's ``k`` planes.  Returns ``(mean, fitted)``, each ``(My, Mx)``:
-    the tissue mean of each block and whether enough of it is tissue.
+    ``planes``, ``tissue`` : (k, Y, X) intensities and tissue mask.  Returns
+    ``(sums, counts)``, each ``(My, Mx)``: float64 sums of the positive tissue
+    voxels (per pixel over the planes in order, then over each block's rows,
+    then its columns) and their integer counts.
     """
     xp = array_namespace(planes)
     iy, ix = (block_indices(n, s) for n, s in zip(shape_yx, shrink_yx))
@@ -63,7 +65,7 @@ def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
         rows = xp.sum(xp.reshape(xp.take(per_pixel, iy_d, axis=0), (my, sy, per_pixel.shape[1])), axis=1)
         return xp.sum(xp.reshape(xp.take(rows, ix_d, axis=1), (my, mx, sx)), axis=2)
 
-    # per pixel, over the block's planes in order: the tissue sum in float64 (the additions a float64 sum over
+    # per pixel, over the planes in order: the tissue sum in float64 (the additions a float64 sum over
     # the planes' axis makes, without its (k, Y, X) temporaries) and the tissue count
     zero = xp.zeros((), dtype=planes.dtype)
     total = count = None
@@ -75,11 +77,27 @@ def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
         else:
             total += xp.astype(xp.where(use, plane, zero), xp.float64)
             count += xp.astype(use, xp.int32)
-    vs, ns = block_sums(total), block_sums(count)
-    size = planes.shape[0] * sy * sx
-    mean = xp.astype(xp.where(ns > 0, vs / xp.astype(xp.where(ns > 0, ns, xp.ones_like(ns)), xp.float64),
-                              xp.zeros_like(vs)), xp.float32)
-    return mean, ns >= math.ceil(MIN_TISSUE_FRACTION * size)      # ns is an integer count
+    return block_sums(total), block_sums(count)
+
+
+def block_mean_from_sums(sums, counts, size: int):
+    """``(mean, fitted)`` of blocks of ``size`` voxels from their tissue sums and counts."""
+    xp = array_namespace(sums)
+    mean = xp.astype(xp.where(counts > 0, sums / xp.astype(xp.where(counts > 0, counts, xp.ones_like(counts)),
+                                                           xp.float64), xp.zeros_like(sums)), xp.float32)
+    return mean, counts >= math.ceil(MIN_TISSUE_FRACTION * size)      # counts are integers
+
+
+def block_mean_plane(planes, tissue, shrink_yx, shape_yx):
+    """Tissue mean over the Y/X blocks of a stack of planes (one Z block), on the planes' device.
+
+    ``planes``, ``tissue`` : (k, Y, X) intensities and tissue mask of the
+    block's ``k`` planes.  Returns ``(mean, fitted)``, each ``(My, Mx)``:
+    the tissue mean of each block and whether enough of it is tissue.
+    """
+    sy, sx = (block_indices(n, s).shape[1] for n, s in zip(shape_yx, shrink_yx))
+    vs, ns = block_tissue_sums(planes, tissue, shrink_yx, shape_yx)
+    return block_mean_from_sums(vs, ns, planes.shape[0] * sy * sx)
 
 
 def shrink_volume(volume, mask, shrink, mode: str = "subsample"):

@@ -33,7 +33,8 @@ def example_bindings(process: str, meta: dict, accelerator=None) -> dict:
                         "parts": " ".join(f"parts/{mid}.mask_part_{i}" for i in range(meta["n_sections"]))},
         "N4_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr"},
         "ASSEMBLE": {"records": " ".join(f"records/{mid}.section_{i}.json" for i in range(meta["n_sections"]))},
-        "N4_GLOBAL": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "sections": f"{mid}.sections.json"},
+        "N4_GLOBAL": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "sections": f"{mid}.sections.json",
+                      "summaries": " ".join(f"summaries/{mid}.summary_{i}" for i in range(meta["n_sections"]))},
         "APPLY_SECTION": {"index": 1, "volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr",
                           "solution": f"{mid}.global.json"},
         "FINISH": {"volume": f"{mid}.ome.zarr", "mask": f"{mid}.mask.ome.zarr", "solution": f"{mid}.global.json",
@@ -161,17 +162,19 @@ def plan_workflow(work: Path, volume: Path, meta: dict, *, section_order=None, a
     tasks.append(_task("MASK_FINISH", meta, {vol: volume, **staged_thr, **staged_parts},
                        {"volume": vol, "thresholds": thr_arg, "parts": parts_arg}))
     mask = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.mask.ome.zarr"
-    records = {}
+    records, summaries = {}, {}
     for i in order:
         tasks.append(_task("N4_SECTION", meta, {vol: volume, mask.name: mask},
                            {"index": i, "volume": vol, "mask": mask.name}))
         records[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.section_{i}.json"
+        summaries[i] = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.summary_{i}"
     ordered = [records[i] for i in sorted(records)]
     tasks.append(_task("ASSEMBLE", meta, {f"records/{p.name}": p for p in ordered},
                        {"records": " ".join(f"records/{p.name}" for p in ordered)}))
     sections = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.sections.json"
-    tasks.append(_task("N4_GLOBAL", meta, {vol: volume, mask.name: mask, sections.name: sections},
-                       {"volume": vol, "mask": mask.name, "sections": sections.name}))
+    staged_sum, sum_arg = gathered(summaries, "summaries")
+    tasks.append(_task("N4_GLOBAL", meta, {vol: volume, mask.name: mask, sections.name: sections, **staged_sum},
+                       {"volume": vol, "mask": mask.name, "sections": sections.name, "summaries": sum_arg}))
     solution = folder(len(tasks) - 1, tasks[-1]) / f"{mid}.global.json"
     parts = {}
     for i in apply_order or range(meta["n_sections"]):

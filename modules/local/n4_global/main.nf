@@ -1,5 +1,6 @@
 /*
- * N4_GLOBAL: section gains and global N4 over the re-assembled stack.  Writes the solution (every
+ * N4_GLOBAL: section gains and global N4 over the re-assembled stack, from the sections' summaries (the
+ * volume and mask are staged as links, or lazily: only their metadata is read).  Writes the solution (every
  * section's field and gain, the global field, provenance: a few hundred kB) that the per-section
  * APPLY_SECTION tasks and FINISH read; it writes no volume.
  * Fits on the GPU when the task was given one (task.accelerator) and the engine is octn4's (and fails,
@@ -12,7 +13,7 @@ process N4_GLOBAL {
     container 'ghcr.io/octn4/octn4-cuda:0.1.0'
 
     input:
-    tuple val(meta), path(volume), path(mask), path(sections)
+    tuple val(meta), path(volume), path(mask), path(sections), path(summaries, stageAs: 'summaries/*')
 
     output:
     tuple val(meta), path("${meta.id}.global.json"), emit: solution
@@ -31,7 +32,7 @@ process N4_GLOBAL {
     """
     export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
     export HOME="\$PWD" MPLCONFIGDIR="\$PWD/.mpl"
-    octn4_global.py ${volume} ${mask} ${sections} ${meta.id}.global.json --device ${device} --threads ${task.cpus} --workers ${task.cpus} ${voxel} ${args}
+    octn4_global.py ${volume} ${mask} ${sections} ${meta.id}.global.json --summaries ${summaries} --device ${device} --threads ${task.cpus} --workers ${task.cpus} ${voxel} ${args}
     """
 
     stub:
