@@ -268,6 +268,12 @@ def test_the_global_task_reads_the_summaries_not_the_volume(solved, tmp_path):
         stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "x.json", config=config,
                            summaries=[paths[0], bad, *paths[2:]])
     assert "bad_1" in str(err.value)
+    blurred = write_summary(section_summary(vol, msk, records[2], global_params=config.global_n4,
+                                            gains=config.gains, mask_sigma=config.mask.smoothing_sigma + 1),
+                            tmp_path / "blurred_2")
+    with pytest.raises(InputError, match="end-plane tissue smoothed by"):
+        stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "x.json", config=config,
+                           summaries=[*paths[:2], blurred, *paths[3:]])
     with pytest.raises(InputError, match="no summary of section 3"):
         stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "x.json", config=config,
                            summaries=paths[:3] + paths[4:])

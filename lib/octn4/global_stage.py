@@ -1,12 +1,16 @@
 """The global stage: section gains, then one N4 pass over the whole stack; its result is the *solution*.
 
-:func:`harmonise_gains` measures the step at every section boundary on
-the planes that touch it and solves one gain per section
-(:mod:`octn4.gains`); :func:`fit_global` fits one field to a shrunk copy of
-``input / section_bias``, built one Z block at a time (in ``workers``
-processes), so the stage reads a fit grid's worth of planes, never holds the
-volume.  :func:`solve_global` returns the solution (``global.json``) that
-every apply task and the finishing step read (:mod:`octn4.apply`).
+Both read the sections' summaries (:mod:`octn4.global_summary`), which the
+section tasks write in the workflow and :func:`section_summaries` makes
+here, ``workers`` sections at a time, when none are given.
+:func:`harmonise_gains` measures the step at every section boundary on the
+end planes that touch it and solves one gain per section
+(:mod:`octn4.gains`); :func:`fit_global` fits one field to the 'mean' fit
+grid of ``input / section_bias`` combined from the summaries' block sums
+with the gains (the 'subsample' grid is read from the volume plane by
+plane), so given summaries the stage reads no voxel of the volume.
+:func:`solve_global` returns the solution (``global.json``) that every apply
+task and the finishing step read (:mod:`octn4.apply`).
 """
 
 from __future__ import annotations
@@ -217,7 +221,8 @@ def stage_global_files(input_path, mask_path, sections_json, out_json, *, config
     timings: dict[str, float] = {}
     if summaries:
         summaries = read_summaries(summaries, records, vol_shape=vol.shape, voxel_size=vol.voxel_size,
-                                   global_params=config.global_n4, gains=config.gains)
+                                   global_params=config.global_n4, gains=config.gains,
+                                   mask_sigma=config.mask.smoothing_sigma)
     with tempfile.TemporaryDirectory(prefix=".octn4-summaries-", dir=out_json.parent) as work:
         solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings,
                                 summaries=summaries or None, work_dir=Path(work))

@@ -76,7 +76,8 @@ def section_summary(vol: Volume, msk: Volume, record: dict, *, global_params: N4
     z0, z1 = int(record["z_start"]), int(record["z_stop"])
     field = BSplineField.from_dict(record["field"])
     out = {"meta": {"index": int(record["index"]), "z_start": z0, "z_stop": z1, "shape": list(vol.shape),
-                    "shrink": None, "end_planes": end_planes(gains), "version": __version__}}
+                    "shrink": None, "end_planes": end_planes(gains), "mask_sigma": float(mask_sigma),
+                    "version": __version__}}
     s = None if global_params is None else _grid_shrink(vol.shape, vol.voxel_size, global_params)
     vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk)
     ids, sums, counts = [], [], []
@@ -152,7 +153,8 @@ class Summary:
         return np.load(self.path / f"{name}.npy", mmap_mode="r")
 
 
-def read_summaries(paths, records, *, vol_shape, voxel_size, global_params: N4Params, gains: GainParams):
+def read_summaries(paths, records, *, vol_shape, voxel_size, global_params: N4Params, gains: GainParams,
+                   mask_sigma: float = defaults.MASK.smoothing_sigma):
     """The summaries of every section, in index order, checked against the records and the global pass's
     parameters (a summary made for another grid or gains estimator is refused, naming its folder)."""
     by_index = {}
@@ -174,6 +176,9 @@ def read_summaries(paths, records, *, vol_shape, voxel_size, global_params: N4Pa
         if got["z"] != [r["z_start"], r["z_stop"]] or any(got[k] != v for k, v in want.items()):
             raise InputError(f"section summary made for another stack or global grid ({got}; expected planes "
                              f"{[r['z_start'], r['z_stop']]}, {want})", sm.path)
+        if len(records) > 1 and sm.meta.get("mask_sigma") != float(mask_sigma):
+            raise InputError(f"section summary's end-plane tissue smoothed by {sm.meta.get('mask_sigma')} "
+                             f"pixels; the gains expect {float(mask_sigma)}", sm.path)
         if sm.meta.get("end_planes") != end_planes(gains) and len(records) > 1:
             raise InputError(f"section summary holds {sm.meta.get('end_planes')} end planes; the gains "
                              f"estimator {gains.estimator!r} reads {end_planes(gains)}", sm.path)
@@ -189,17 +194,18 @@ def combined_grid(summaries, gains_log, vol_shape, s):
     sy, sx = (block_indices(n, k).shape[1] for n, k in zip(vol_shape[1:], s[1:]))
     total = counts = None
     for sm, g in zip(summaries, gains_log):
-        ids = np.asarray(sm["grid_blocks"])
+        ids, sums, cnt = (np.asarray(sm[n]) for n in ("grid_blocks", "grid_sums", "grid_counts"))
         if total is None:
-            shape = (len(blocks),) + sm["grid_sums"].shape[1:]
+            shape = (len(blocks),) + sums.shape[1:]
             total, counts, seen = np.zeros(shape), np.zeros(shape, np.int64), np.zeros(len(blocks), bool)
         scale = np.exp(-np.float64(g))
         for row, j in enumerate(ids):
+            part = sums[row] * scale if g else sums[row]
             if seen[j]:
-                total[j] += sm["grid_sums"][row] * scale
+                total[j] += part
             else:
-                total[j] = sm["grid_sums"][row] * scale if g else sm["grid_sums"][row]
-            counts[j] += sm["grid_counts"][row]
+                total[j] = part
+            counts[j] += cnt[row]
             seen[j] = True
     if total is None or not seen.all():
         raise InputError("the section summaries do not cover the global fit grid's Z blocks", "summaries")
