@@ -46,6 +46,20 @@ def test_otsu_matches_scikit_image(xp):
     assert otsu_threshold(xp.asarray(np.full(10, 3.0))) == 3.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_histogram_counts_the_bins_of_the_plain_formula(dtype):
+    """The host histogram (in place, unweighted) gives the bins of the formula every backend uses."""
+    from octn4.mask import _histogram
+
+    v = np.random.default_rng(1).gamma(2, 100, 200_000).astype(dtype)
+    lo, hi = float(v.min()), float(v.max())
+    idx = np.clip(np.floor((v - lo) / ((hi - lo) / 256)).astype(np.int64), 0, 255)
+    want = np.bincount(idx, weights=np.ones(idx.shape), minlength=256)
+    got = _histogram(v, lo, hi, 256)
+    assert got.dtype == np.float64 and np.array_equal(got, want) and got.sum() == v.size
+    assert got[0] > 0 and got[-1] > 0                   # the range's two ends are counted in its end bins
+
+
 @pytest.mark.parametrize("n_sections", [1, 3])
 def test_mask_matches_plain_construction(xp, n_sections):
     vol, _ = stack()
