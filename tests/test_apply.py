@@ -3,6 +3,7 @@
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,71 @@ def test_the_global_task_reads_the_summaries_not_the_volume(solved, tmp_path):
     with pytest.raises(InputError, match="no summary of section 3"):
         stage_global_files(vol.path, msk.path, tmp_path / "sections.json", tmp_path / "x.json", config=config,
                            summaries=paths[:3] + paths[4:])
+
+
+def test_a_section_task_summarises_from_the_planes_its_fit_read(solved, tmp_path, monkeypatch):
+    """fit_section(summary=): the same record as without, and the summary one made from the volume afterwards
+    gives, array for array and bit for bit; the summary's reads are served from the kept planes (the
+    volume is read for the fit only), and the kept files are gone."""
+    from octn4 import io as octn4_io
+    from octn4.global_summary import Summary, section_summary
+
+    vol, msk, solution, _ = solved
+    config = RunConfig(planes=PLANES)
+    from dataclasses import replace
+
+    params = replace(config.section_n4, maximum_number_of_iterations=(10, 10))
+    bounds = [(r["z_start"], r["z_stop"]) for r in solution["sections"]]
+    assert any(a % vol.chunk_planes for a, _ in bounds)          # sections that start inside a chunk row
+    reads = []
+    real_read = octn4_io.Volume._read_stored                      # under read and read_tissue
+
+    def counted(self, z0, z1, *args, **kw):
+        reads.append((Path(self.path).name, int(z0), int(z1)))
+        return real_read(self, z0, z1, *args, **kw)
+
+    for i in (0, 1):
+        plain = fit_section(vol.path, msk.path, bounds, i, params=params)
+        monkeypatch.setattr(octn4_io.Volume, "_read_stored", counted)
+        reads.clear()
+        rec = fit_section(vol.path, msk.path, bounds, i, params=params, summary=tmp_path / f"s{i}",
+                          global_params=config.global_n4, gains=config.gains)
+        monkeypatch.setattr(octn4_io.Volume, "_read_stored", real_read)
+        for r in (rec, plain):
+            del r["fit"]["seconds"]
+        assert rec == plain
+        for v in (vol, msk):                                       # each chunk row of the section read once
+            cz = v.chunk_planes
+            rows = (bounds[i][0] // cz * cz, min(v.shape[0], -(-bounds[i][1] // cz) * cz))
+            got = sorted((a, b) for n, a, b in reads if n == Path(v.path).name)
+            assert got[0][0] == rows[0] and got[-1][1] == rows[1]
+            assert all(b0 <= a1 for (_, b0), (a1, _) in zip(got, got[1:]))
+        want = section_summary(vol, msk, rec, global_params=config.global_n4, gains=config.gains)
+        got = Summary(tmp_path / f"s{i}")
+        assert got.meta == want["meta"]
+        for name in ("grid_blocks", "grid_sums", "grid_counts", "head", "tail", "head_tissue", "tail_tissue"):
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_kept_planes_serve_what_the_volume_reads(solved, tmp_path):
+    from octn4.io import KeptPlanes
+
+    vol, msk, _, _ = solved
+    for v, tissue in ((vol, False), (msk, True)):
+        kept = KeptPlanes(v, 5, 20, tmp_path / f"{Path(v.path).name}.npy", tissue=tissue)
+        cz = v.chunk_planes
+        assert cz > 1 and (kept.z0, kept.z1) == (5 // cz * cz, -(-20 // cz) * cz)     # whole chunk rows
+        for a, b in ((0, 16), (16, 32), (3, 9), (30, 40), (20, 20)):     # kept, inside, outside the rows, empty
+            for _ in range(2):                                           # read, then served from the file
+                got = kept.read(a, b)
+                assert got.dtype == np.float32
+                np.testing.assert_array_equal(got, v.read(a, b))
+                np.testing.assert_array_equal(kept.read_tissue(a, b), v.read(a, b) > 0)
+        assert kept._kept[:16].all()                                    # the read of planes 0..16 was kept
+        np.testing.assert_array_equal(kept.read_planes([2, 2, 7, 31]), v.read_planes([2, 2, 7, 31]))
+        np.testing.assert_array_equal(kept.read(0, 9, slice(None, None, 3)), v.read(0, 9, slice(None, None, 3)))
+        assert kept.shape == v.shape and kept.voxel_size == v.voxel_size
+        kept.remove()
+        assert not kept.file.exists()
+    assert msk.read_tissue(0, 48).dtype == bool
+    np.testing.assert_array_equal(msk.read_tissue(0, 48), msk.read(0, 48) > 0)

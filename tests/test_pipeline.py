@@ -97,6 +97,7 @@ def test_metrics_report_sections_before_and_after(result):
     assert s["depth_slope_abs_mean_after"] < s["depth_slope_abs_mean_before"]
     assert len(m["profile"]["median_before"]) == 96
     assert set(m["timings_s"]) >= {"mask", "sections", "global_fit", "apply", "total"}
+    assert "summaries" not in m["timings_s"]          # the section tasks summarised their sections for the global
     assert m["peak_rss_mib"]["self"] > 0
     fields = json.loads((result / "fields.json").read_text())
     assert len(fields["sections"]) == 4 and fields["global"]["order"] == 3

@@ -40,6 +40,7 @@ from .bspline import BSplineField
 from .errors import InputError
 from .io import (
     CHUNKS,
+    ForwardReader,
     PartWriter,
     Volume,
     atomic_dir,
@@ -154,6 +155,7 @@ def apply_part(vol: Volume, msk: Volume, solution: dict, index: int, out_dir, *,
     global_field = BSplineField.from_dict(solution["global"])
     stats = PlaneStats(vol.shape[0])
     tiles = part_tiles(z0, z1, tile_planes)
+    rows = ForwardReader(vol)          # tiles thinner than the input's Z chunks decompress each chunk once
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writers = {name: PartWriter(tmp / f"{name}.zarr", vol.shape, owned=(z0, z1), chunks=CHUNKS,
@@ -167,11 +169,11 @@ def apply_part(vol: Volume, msk: Volume, solution: dict, index: int, out_dir, *,
                 log_b += global_field.evaluate(zz)
                 bias = np.exp(log_b)
                 del log_b
-                raw = vol.read(a, b)
+                raw = rows.read(a, b)
                 corrected = raw / np.maximum(bias, np.float32(1e-6))
                 writers["corrected"].write(a, corrected)
                 writers["bias"].write(a, bias)
-                stats.add(a, msk.read(a, b) > 0, before=raw, after=corrected)
+                stats.add(a, msk.read_tissue(a, b), before=raw, after=corrected)
                 advance()
         for w in writers.values():
             w.commit()

@@ -174,15 +174,20 @@ def solve_global(vol: Volume, msk: Volume, records, *, config: RunConfig, attrs:
     """Section gains and the global fit: the *solution* every apply task and the finishing step read
     (:mod:`octn4.apply`): the records with their gains, the global field, the gain report, the provenance.
 
-    Both read the sections' summaries (:mod:`octn4.global_summary`); when none are given they are made
-    here from the volume (under ``work_dir`` when given), ``config.workers`` sections at a time.
+    Both read the sections' summaries (:mod:`octn4.global_summary`, one per record, in order); those not
+    given (``summaries`` None, or None in its place) are made here from the volume (under ``work_dir``
+    when given), ``config.workers`` sections at a time.
     """
-    if summaries is None:
+    have = list(summaries) if summaries is not None else [None] * len(records)
+    todo = [r for r, sm in zip(records, have) if sm is None]
+    if todo:
         t0 = time.perf_counter()
-        summaries = section_summaries(vol, msk, records, global_params=config.global_n4, gains=config.gains,
+        made = iter(section_summaries(vol, msk, todo, global_params=config.global_n4, gains=config.gains,
                                       mask_sigma=config.mask.smoothing_sigma, workers=config.workers,
-                                      out_dir=work_dir)
+                                      out_dir=work_dir))
+        have = [sm if sm is not None else next(made) for sm in have]
         timings["summaries"] = time.perf_counter() - t0
+    summaries = have
     gain_report = []
     if config.gains.enabled and len(records) > 1:
         t0 = time.perf_counter()

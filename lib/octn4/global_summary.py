@@ -79,7 +79,7 @@ def section_summary(vol: Volume, msk: Volume, record: dict, *, global_params: N4
                     "shrink": None, "end_planes": end_planes(gains), "mask_sigma": float(mask_sigma),
                     "version": __version__}}
     s = None if global_params is None else _grid_shrink(vol.shape, vol.voxel_size, global_params)
-    vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk)
+    vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk, tissue=True)
     ids, sums, counts = [], [], []
     if s is not None:
         out["meta"]["shrink"] = [int(k) for k in s]
@@ -88,7 +88,7 @@ def section_summary(vol: Volume, msk: Volume, record: dict, *, global_params: N4
             if not mine.size:
                 continue
             planes = vol_rows.read_planes(mine) / np.exp(field.evaluate(mine - z0))
-            vs, ns = block_tissue_sums(planes, msk_rows.read_planes(mine) > 0, s[1:], vol.shape[1:])
+            vs, ns = block_tissue_sums(planes, msk_rows.read_planes(mine), s[1:], vol.shape[1:])
             ids.append(j)
             sums.append(vs)
             counts.append(ns)
@@ -108,7 +108,7 @@ def section_summary(vol: Volume, msk: Volume, record: dict, *, global_params: N4
         out[name] = (raw / np.exp(field.evaluate(np.arange(a, a + k) - z0))).astype(np.float32)
         t = z0 if name == "head" else z1 - 1          # the plane that touches the boundary
         i = t - a
-        tissue = msk.read(t, t + 1)[0] > 0
+        tissue = msk.read_tissue(t, t + 1)[0]
         if thresholds is not None:
             # tissue by intensity: the mask's Z smoothing and closing can carry a neighbour's tissue into
             # this section's end plane (a damaged or missing slab)

@@ -29,6 +29,7 @@ from .workers import worker_pool
 __all__ = [
     "Volume",
     "ForwardReader",
+    "KeptPlanes",
     "ScanResult",
     "open_volume",
     "scan_volume",
@@ -108,14 +109,23 @@ class Volume:
 
     def read(self, z0: int, z1: int, ys=slice(None), xs=slice(None)) -> np.ndarray:
         """Planes ``z0:z1`` (optionally strided in Y/X) as float32 ``(Z, Y, X)``."""
+        return np.asarray(self._read_stored(z0, z1, ys, xs), dtype=np.float32)
+
+    def read_tissue(self, z0: int, z1: int) -> np.ndarray:
+        """A mask's planes ``z0:z1`` as bool: ``read(z0, z1) > 0``, compared in the stored type where that
+        is an integer one (a uint8 mask: no float32 copy, 5 times its size, to make and compare)."""
+        block = self._read_stored(z0, z1)
+        if block.dtype.kind not in "biu":
+            block = np.asarray(block, dtype=np.float32)
+        return block > 0
+
+    def _read_stored(self, z0: int, z1: int, ys=slice(None), xs=slice(None)) -> np.ndarray:
         z0, z1 = max(0, int(z0)), min(self.shape[0], int(z1))
         if z1 <= z0:
             return np.zeros((0,) + self.shape[1:], np.float32)[:, ys, xs]
         if self._nifti is not None:
-            block = self._read_nifti(z0, z1)[:, ys, xs]
-        else:
-            block = np.asarray(self._array[self._lead + (slice(z0, z1), ys, xs)])
-        return np.asarray(block, dtype=np.float32)
+            return self._read_nifti(z0, z1)[:, ys, xs]
+        return np.asarray(self._array[self._lead + (slice(z0, z1), ys, xs)])
 
     def read_planes(self, zs: Sequence[int], ys=slice(None), xs=slice(None)) -> np.ndarray:
         """Planes at the Z indices ``zs`` (ascending), Y/X optionally strided (:meth:`iter_planes`)."""
@@ -187,15 +197,17 @@ class ForwardReader:
     whose starts ascend decompress every chunk once.  It holds at most the
     chunk rows under one read.  Results equal ``vol.read``/``vol.read_planes``;
     a read that moves back is served too (its rows are read again).
+    ``tissue=True`` (a mask): reads give ``vol.read_tissue``'s bool planes.
     """
 
-    def __init__(self, vol: Volume, on_read=None):
+    def __init__(self, vol: Volume, on_read=None, *, tissue: bool = False):
         self.vol, self.shape, self.chunk_planes = vol, vol.shape, max(1, vol.chunk_planes)
         self._rows: dict[int, np.ndarray] = {}
         self.on_read = on_read          # called with (z0, planes) for every run of planes read from vol
+        self.tissue = tissue
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
-        block = self.vol.read(z0, z1)
+        block = self.vol.read_tissue(z0, z1) if self.tissue else self.vol.read(z0, z1)
         if self.on_read is not None and z1 > z0:
             self.on_read(z0, block)
         return block
@@ -215,7 +227,7 @@ class ForwardReader:
         if r1 - r0 == 1:
             a = self._rows[r0]
             return a[z0 - r0 * cz:z1 - r0 * cz]
-        out = np.empty((z1 - z0,) + tuple(self.shape[1:]), np.float32)
+        out = np.empty((z1 - z0,) + tuple(self.shape[1:]), bool if self.tissue else np.float32)
         for r in range(r0, r1):
             a, b = max(z0, r * cz), min(z1, (r + 1) * cz)
             out[a - z0:b - z0] = self._rows[r][a - r * cz:b - r * cz]
@@ -225,11 +237,84 @@ class ForwardReader:
         """Planes at the Z indices ``zs`` (ascending, repeats allowed)."""
         zs = np.asarray(zs, np.int64)
         if zs.size == 0:
-            return self.vol.read(0, 0)
+            return self.vol.read_tissue(0, 0) if self.tissue else self.vol.read(0, 0)
         block = self.read(int(zs[0]), int(zs[-1]) + 1)
         if zs[-1] - zs[0] + 1 == zs.size:               # a contiguous run: the block itself
             return block
         return block[zs - zs[0]]
+
+
+class KeptPlanes:
+    """A :class:`Volume` that keeps the whole chunk rows under planes ``[z0, z1)``, uncompressed, in the local
+    ``.npy`` file ``path`` as they are first read, so a second pass over them (a section's summary after
+    its fit) decompresses nothing.
+
+    Reads return what the volume's reads return; a read of planes not all
+    kept (strided, outside the rows, not read yet) goes to the volume, and
+    whole-plane reads inside the rows are kept.  ``tissue=True`` (a mask):
+    :meth:`read_tissue` is kept (bool, a byte a voxel) and :meth:`read`
+    always goes to the volume; otherwise :meth:`read` is kept (float32) and
+    :meth:`read_tissue` is ``read(...) > 0``.  Every other attribute is the
+    volume's.  :meth:`remove` deletes the file (the page cache usually
+    still holds it then, so it is seldom written back).
+    """
+
+    def __init__(self, vol: Volume, z0: int, z1: int, path, *, tissue: bool = False):
+        self.vol, self.tissue = vol, tissue
+        cz = max(1, vol.chunk_planes)
+        self.z0, self.z1 = (max(0, int(z0)) // cz) * cz, min(vol.shape[0], -(-int(z1) // cz) * cz)
+        self.file = Path(path)
+        self._data = np.lib.format.open_memmap(self.file, mode="w+", dtype=bool if tissue else np.float32,
+                                               shape=(self.z1 - self.z0,) + tuple(vol.shape[1:]))
+        self._kept = np.zeros(self.z1 - self.z0, bool)
+
+    @staticmethod
+    def nbytes(vol: Volume, z0: int, z1: int, *, tissue: bool = False) -> int:
+        """About what :class:`KeptPlanes` of these planes writes (its chunk rows)."""
+        cz = max(1, vol.chunk_planes)
+        return (z1 - z0 + 2 * cz) * vol.shape[1] * vol.shape[2] * (1 if tissue else 4)
+
+    def __getattr__(self, name):
+        return getattr(self.vol, name)
+
+    def _hit(self, z0: int, z1: int) -> bool:
+        return self.z0 <= z0 < z1 <= self.z1 and bool(self._kept[z0 - self.z0:z1 - self.z0].all())
+
+    def _through(self, get, z0: int, z1: int) -> np.ndarray:
+        """``get(z0, z1)`` of the volume, kept when the planes lie in the rows."""
+        block = get(z0, z1)
+        if self.z0 <= z0 < z1 <= self.z1:
+            self._data[z0 - self.z0:z1 - self.z0] = block
+            self._kept[z0 - self.z0:z1 - self.z0] = True
+        return block
+
+    def read(self, z0: int, z1: int, ys=slice(None), xs=slice(None)) -> np.ndarray:
+        z0, z1 = max(0, int(z0)), min(self.vol.shape[0], int(z1))
+        whole = ys == slice(None) and xs == slice(None)
+        if self.tissue or not whole:
+            return self.vol.read(z0, z1, ys, xs)
+        if self._hit(z0, z1):
+            return np.array(self._data[z0 - self.z0:z1 - self.z0])
+        return self._through(self.vol.read, z0, z1)
+
+    def read_tissue(self, z0: int, z1: int) -> np.ndarray:
+        z0, z1 = max(0, int(z0)), min(self.vol.shape[0], int(z1))
+        if not self.tissue:
+            return self.read(z0, z1) > 0
+        if self._hit(z0, z1):
+            return np.array(self._data[z0 - self.z0:z1 - self.z0])
+        return self._through(self.vol.read_tissue, z0, z1)
+
+    def read_planes(self, zs, ys=slice(None), xs=slice(None)) -> np.ndarray:
+        zs = np.asarray([int(z) for z in zs], np.int64)
+        if (not self.tissue and zs.size and ys == slice(None) and xs == slice(None)
+                and self.z0 <= zs[0] and zs[-1] < self.z1 and self._kept[zs - self.z0].all()):
+            return np.asarray(self._data[zs - self.z0])
+        return self.vol.read_planes(zs, ys, xs)
+
+    def remove(self) -> None:
+        del self._data
+        self.file.unlink(missing_ok=True)
 
 
 def open_volume(path, *, voxel_size=None) -> Volume:

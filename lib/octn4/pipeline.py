@@ -45,6 +45,7 @@ from .apply import apply_parts, finish, peak_rss_mib
 from .errors import InputError
 from .gains import GainParams
 from .global_stage import solve_global
+from .global_summary import Summary
 from .io import Volume, open_mask, open_volume, read_attrs, replace_path, scan_volume, validate_scan, write_json
 from .mask import MaskParams
 from .mask_stage import copy_mask, stage_mask
@@ -167,8 +168,13 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                  timings: dict) -> dict:
     """Gains, global fit, the apply one part per section, then the outputs ``corrected``, ``bias``,
     ``fields.json``, ``metrics.json`` in ``outdir`` (a private temporary folder)."""
-    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings,
-                            work_dir=outdir / ".work" / "summaries")
+    work = outdir / ".work" / "summaries"
+    # the summaries the section tasks wrote (_fit_sections); the others (sections reused on resume, batched
+    # fits) are made by the global stage
+    made = [Summary(work / f"section_{r['index']}") if (work / f"section_{r['index']}").is_dir() else None
+            for r in records]
+    solution = solve_global(vol, msk, records, config=config, attrs=attrs, timings=timings, summaries=made,
+                            work_dir=work)
     t0 = time.perf_counter()
     parts = apply_parts(vol, msk, solution, outdir / ".work" / "parts", tile_mib=config.tile_mib,
                         workers=1 if config.device == "cuda" else config.workers)
@@ -177,9 +183,11 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
 
 
 def _section_task(args):
-    input_path, mask_path, bounds, index, params, voxel_size, threads, engine, device = args
-    return fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
-                       threads=threads, engine=engine, device=device)
+    input_path, mask_path, bounds, index, voxel_size, config, threads, summary = args
+    return fit_section(input_path, mask_path, bounds, index, params=config.section_n4, voxel_size=voxel_size,
+                       threads=threads, engine=config.engine, device=config.device, summary=summary,
+                       global_params=config.global_n4, gains=config.gains,
+                       mask_sigma=config.mask.smoothing_sigma)
 
 
 def _ingest(vol: Volume, path: Path) -> Volume:
@@ -338,7 +346,8 @@ def run(input_path, outdir, config: RunConfig, *, resume: bool = False) -> dict:
             msk = _ingest(msk, tmp / ".work" / "mask.zarr")
         t0 = time.perf_counter()
         records = _fit_sections(work, msk, bounds, config, record_dir=tmp / ".work" / "sections",
-                                keys=keys["sections"], resume=resume, reused=reused["sections"])
+                                keys=keys["sections"], resume=resume, reused=reused["sections"],
+                                summary_dir=tmp / ".work" / "summaries")
         timings["sections"] = time.perf_counter() - t0
         attrs = dict(attrs, resumed=reused if resume else None)
         metrics = stage_global(work, msk, records, tmp, config=config, attrs=attrs, timings=timings)
@@ -373,12 +382,18 @@ def _stored_records(record_dir: Path, keys, reused: list) -> dict[int, dict]:
 
 
 def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, *, record_dir: Path | None = None,
-                  keys=None, resume: bool = False, reused: list | None = None) -> list[dict]:
+                  keys=None, resume: bool = False, reused: list | None = None, summary_dir: Path | None = None
+                  ) -> list[dict]:
     """Every section's record: those stored in ``record_dir`` with equal keys when resuming, the others fitted
-    (each written to ``record_dir`` with its key as soon as it is done)."""
+    (each written to ``record_dir`` with its key as soon as it is done).  ``summary_dir``: each section
+    fitted in a worker process also writes its summary for the global stage there (``section_<i>``, from
+    the planes its fit read: :func:`octn4.section_stage.fit_section`); what was there before is removed."""
     done = _stored_records(record_dir, keys, reused if reused is not None else []) if resume and record_dir else {}
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
+    if summary_dir is not None:
+        shutil.rmtree(summary_dir, ignore_errors=True)
+        summary_dir.mkdir(parents=True)
 
     def keep(rec):
         if record_dir is not None:
@@ -388,11 +403,11 @@ def _fit_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, *, record
 
     todo = [i for i in range(len(bounds)) if i not in done]
     if todo:
-        _fit_missing_sections(vol, msk, bounds, config, todo, keep)
+        _fit_missing_sections(vol, msk, bounds, config, todo, keep, summary_dir)
     return assemble_sections(list(done.values()), len(bounds))
 
 
-def _fit_missing_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, todo, keep) -> None:
+def _fit_missing_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, todo, keep, summary_dir=None) -> None:
     _, _, zs, ys, xs = section_sampling(vol, bounds, 0, config.section_n4)
     fit_voxels = len(zs) * len(range(vol.shape[1])[ys]) * len(range(vol.shape[2])[xs])
     batch = min(config.section_batch(fit_voxels), len(todo))
@@ -404,8 +419,8 @@ def _fit_missing_sections(vol: Volume, msk: Volume, bounds, config: RunConfig, t
         return
     workers = 1 if config.device == "cuda" else min(config.workers, len(todo))
     threads = max(1, config.total_threads // workers)
-    jobs = [(vol.path, msk.path, bounds, i, config.section_n4, vol.voxel_size, threads, config.engine,
-             config.device) for i in todo]
+    jobs = [(vol.path, msk.path, bounds, i, vol.voxel_size, config, threads,
+             None if summary_dir is None else summary_dir / f"section_{i}") for i in todo]
     with progress(len(jobs), "N4 per section") as advance:
         if workers == 1:
             for j in jobs:

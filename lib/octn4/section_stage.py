@@ -13,18 +13,21 @@ that they tile the volume.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .bspline import shrink_grid
 from .depth import fit_depth_profiles
 from .errors import InputError
 from .fit_result import FitResult
 from .gains import log_histogram
 from .global_summary import section_summary, write_summary
-from .io import Volume, open_mask, open_volume, read_attrs, write_json
+from .io import KeptPlanes, Volume, open_mask, open_volume, read_attrs, write_json
 from .n4 import fit_bias, fit_bias_batch
 from .params import N4Params, shrink_factors
 from .shrink import block_indices, block_mean_grid
@@ -122,22 +125,49 @@ def _section_record(bounds, index: int, fit: FitResult, histogram=None) -> dict:
     return rec
 
 
+#: A section whose planes (input at 4 bytes a voxel, mask at 1) exceed this is read again for its summary
+#: rather than kept on local disk from its fit (:class:`octn4.io.KeptPlanes`).
+KEEP_PLANES_MAX_BYTES = 8 << 30
+
+
 def fit_section(input_path, mask_path, bounds, index: int, *, params: N4Params, voxel_size=None,
-                threads: int = 1, engine: str = "octn4", device: str = "cpu") -> dict:
+                threads: int = 1, engine: str = "octn4", device: str = "cpu", summary=None,
+                global_params: N4Params | None = None, gains=None,
+                mask_sigma: float = defaults.MASK.smoothing_sigma) -> dict:
     """N4 on one section; reads only that section's Z slab of input and mask.
 
     Returns a JSON-ready record: index, Z range, fit summary and the field
-    (lattice) on the section's own full-resolution grid.
+    (lattice) on the section's own full-resolution grid.  With ``summary``
+    (a folder), also writes what the global pass needs from the section
+    (:func:`octn4.global_summary.section_summary`: its share of the fit
+    grid that ``global_params`` make, its end planes for ``gains``), from
+    the planes its fit grid decompressed (kept on local disk under
+    ``$TMPDIR`` meanwhile, :class:`octn4.io.KeptPlanes`, unless they
+    exceed :data:`KEEP_PLANES_MAX_BYTES`): the same summary as one made
+    from the volume afterwards.
     """
     vol = open_volume(input_path, voxel_size=voxel_size)
     msk = open_mask(mask_path, vol)
-    stack = stack_depth_profile(msk, bounds, params)
-    profile = None if stack is None else stack[bounds[index][0]:bounds[index][1]]
-    shape, s, sub, sub_mask = section_fit_grid(vol, msk, bounds, index, params, profile)
-    fit = fit_bias(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
-                   params=params, threads=threads, engine=engine, device=device)
-    hist = _corrected_histogram(vol, bounds, index, params, fit, sub, sub_mask)
-    return _section_record(bounds, index, _with_profile(fit, profile), hist)
+    z0, z1 = bounds[index]
+    keep = summary is not None and \
+        KeptPlanes.nbytes(vol, z0, z1) + KeptPlanes.nbytes(msk, z0, z1, tissue=True) <= KEEP_PLANES_MAX_BYTES
+    with tempfile.TemporaryDirectory(prefix="octn4-section-") if keep else contextlib.nullcontext() as scratch:
+        v, m = (vol, msk) if not keep else (KeptPlanes(vol, z0, z1, Path(scratch) / "input.npy"),
+                                            KeptPlanes(msk, z0, z1, Path(scratch) / "mask.npy", tissue=True))
+        stack = stack_depth_profile(msk, bounds, params)
+        profile = None if stack is None else stack[z0:z1]
+        shape, s, sub, sub_mask = section_fit_grid(v, m, bounds, index, params, profile)
+        fit = fit_bias(sub, sub_mask, full_shape=shape, shrink=s, voxel_size=vol.voxel_size,
+                       params=params, threads=threads, engine=engine, device=device)
+        hist = _corrected_histogram(vol, bounds, index, params, fit, sub, sub_mask)
+        rec = _section_record(bounds, index, _with_profile(fit, profile), hist)
+        if summary is not None:
+            write_summary(section_summary(v, m, rec, global_params=global_params, gains=gains,
+                                          mask_sigma=mask_sigma), summary)
+        if keep:
+            v.remove()
+            m.remove()
+    return rec
 
 
 def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, batch: int, device: str = "cpu",
@@ -177,21 +207,17 @@ def fit_sections_batched(vol: Volume, msk: Volume, bounds, *, params: N4Params, 
 
 def stage_section(input_path, mask_path, bounds, index, out_json, *, params: N4Params, voxel_size=None,
                   threads=1, engine="octn4", device="cpu", attrs=None, overwrite=False, summary=None,
-                  global_params: N4Params | None = None, gains=None) -> dict:
-    """:func:`fit_section`, written to ``out_json``; with ``summary`` (a folder), also what the global pass
-    needs from the section (:func:`octn4.global_summary.section_summary`: its share of the fit grid that
-    ``global_params`` make, its end planes for ``gains``)."""
+                  global_params: N4Params | None = None, gains=None,
+                  mask_sigma: float = defaults.MASK.smoothing_sigma) -> dict:
+    """:func:`fit_section` (with its ``summary``), the record written to ``out_json``."""
     out_json = Path(out_json)
     for out in (out_json, summary):
         if out is not None and Path(out).exists() and not overwrite:
             raise InputError("output already exists; pass --overwrite to replace it", out)
     rec = fit_section(input_path, mask_path, bounds, index, params=params, voxel_size=voxel_size,
-                      threads=threads, engine=engine, device=device)
+                      threads=threads, engine=engine, device=device, summary=summary,
+                      global_params=global_params, gains=gains, mask_sigma=mask_sigma)
     rec["provenance"] = attrs or {}
-    if summary is not None:
-        vol = open_volume(input_path, voxel_size=voxel_size)
-        write_summary(section_summary(vol, open_mask(mask_path, vol), rec, global_params=global_params,
-                                      gains=gains), summary)
     write_json(rec, out_json)
     return rec
 

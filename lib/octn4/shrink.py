@@ -125,12 +125,12 @@ def block_mean_grid(vol: Volume, msk: Volume, z_blocks, s, log_field=None, advan
     (``advance()`` after each); every stored chunk of input and mask is decompressed once."""
     img = np.empty((len(z_blocks),) + tuple(shrink_grid(n, k)[1] for n, k in zip(vol.shape[1:], s[1:])), np.float32)
     fit = np.empty(img.shape, bool)
-    vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk)
+    vol_rows, msk_rows = ForwardReader(vol), ForwardReader(msk, tissue=True)
     for j, zb in enumerate(z_blocks):
         planes = vol_rows.read_planes(zb)
         if log_field is not None:
             planes = planes / np.exp(log_field(zb))
-        img[j], fit[j] = block_mean_plane(planes, msk_rows.read_planes(zb) > 0, s[1:], vol.shape[1:])
+        img[j], fit[j] = block_mean_plane(planes, msk_rows.read_planes(zb), s[1:], vol.shape[1:])
         if advance is not None:
             advance()
     return img, fit
