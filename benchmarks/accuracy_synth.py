@@ -70,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 
+from octn4.bias import read_bias
 from octn4.cli import main as octn4_main
 from octn4.io import open_volume
 from octn4.metrics import boundary_steps
@@ -241,7 +242,7 @@ def truth_row(s: dict) -> dict:
 
 
 def evaluate(s: dict, result: Path) -> dict:
-    est, cor = read(result / "bias.ome.zarr"), read(result / "corrected.ome.zarr")
+    est, cor = read_bias(result), read(result / "corrected.ome.zarr")
     mask = read(result / "mask.ome.zarr") > 0
     t = s["tissue"]
     err, between, within, worst = error_parts(est, s["truth_bias"], t, s["bounds"])

@@ -95,6 +95,16 @@ def run_octn4(stack: Path, out: Path, extra: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+class _Planes:
+    """Planes ``[z0:z1]`` of a volume given by ``read(z0, z1)`` (what a Zarr array's slicing gives)."""
+
+    def __init__(self, shape, read):
+        self.shape, self._read = tuple(shape), read
+
+    def __getitem__(self, z):
+        return self._read(z.start, z.stop)
+
+
 def streamed_error(run: Path, stack: Path, level: int = 1) -> dict:
     """``accuracy_synth.py``'s log-bias error of a run against ``octn4 synth``'s truth, streamed in 16-plane
     slabs at pyramid ``level`` (tissue from the labels; the mean log error removed): total, between-section
@@ -107,8 +117,16 @@ def streamed_error(run: Path, stack: Path, level: int = 1) -> dict:
     def level_of(p):
         return zarr.open_group(str(p), mode="r")[f"s{level}"]
 
-    truth, labels, est = (level_of(stack / "truth_bias.ome.zarr"), level_of(stack / "labels.ome.zarr"),
-                          level_of(run / "bias.ome.zarr"))
+    truth, labels = level_of(stack / "truth_bias.ome.zarr"), level_of(stack / "labels.ome.zarr")
+    if f"s{level}" in zarr.open_group(str(run / "bias.ome.zarr"), mode="r"):
+        est = level_of(run / "bias.ome.zarr")
+    elif level == 0:                            # a bias stored from level 1 down: level 0 from fields.json
+        from octn4.bias import BiasModel
+
+        model = BiasModel.from_run(run)
+        est = _Planes(model.shape, model.read)
+    else:
+        raise SystemExit(f"the run's bias has no level {level}")
     if not truth.shape[0] == labels.shape[0] == est.shape[0] == sum(b - a for a, b in bounds):
         raise SystemExit(f"level {level} halves Z; use a level that keeps every plane")
     s, q, n = (np.zeros(len(bounds)) for _ in range(3))

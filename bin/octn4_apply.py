@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="the part folder to write (created complete, or not at all)")
     p.add_argument("--index", type=int, required=True, help="section index (0-based)")
     p.add_argument("--tile-mib", type=int, default=1024, help="memory for one apply tile, MiB")
+    cli.add_full_bias_arg(p)
     cli.add_voxel_size_arg(p)
     cli.add_common_args(p)
     return p
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a) -> None:
     apply.stage_apply_files(a.input, a.mask, a.solution, a.index, a.out, voxel_size=a.voxel_size,
-                               tile_mib=a.tile_mib, overwrite=a.overwrite)
+                               tile_mib=a.tile_mib, overwrite=a.overwrite, full_bias=a.full_bias)
 
 
 def main(argv=None) -> int:

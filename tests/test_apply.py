@@ -73,31 +73,68 @@ def _finish(solved, parts, out, **kw):
     return finish(vol, msk, solution, parts, out, **kw)
 
 
-def test_parts_written_at_once_in_any_order_give_the_serial_outputs_bit_for_bit(solved, tmp_path):
+@pytest.mark.parametrize("full_bias", [False, True])
+def test_parts_written_at_once_in_any_order_give_the_serial_outputs_bit_for_bit(solved, tmp_path, full_bias):
+    from octn4.bias import BiasModel
+
     vol, msk, solution, _ = solved
-    serial = apply_parts(vol, msk, solution, tmp_path / "serial", tile_mib=1)
+    serial = apply_parts(vol, msk, solution, tmp_path / "serial", tile_mib=1, full_bias=full_bias)
     order = list(range(len(PLANES)))
     random.Random(1).shuffle(order)
-    both = apply_parts(vol, msk, solution, tmp_path / "both", tile_mib=1, workers=2, order=order)
+    both = apply_parts(vol, msk, solution, tmp_path / "both", tile_mib=1, workers=2, order=order,
+                       full_bias=full_bias)
     m1 = _finish(solved, serial, tmp_path / "o1")
     m2 = _finish(solved, list(reversed(both)), tmp_path / "o2")
     assert [json.loads((p / "part.json").read_text())["planes"] for p in serial] == \
         [[0, 16], [16, 24], [24, 32], [32, 40], [40, 48]]
     for name in ("corrected.ome.zarr", "bias.ome.zarr"):
         a, b = _levels(tmp_path / "o1" / name), _levels(tmp_path / "o2" / name)
-        assert list(a) == ["s0", "s1"]
+        assert list(a) == (["s0", "s1"] if full_bias or name.startswith("corrected") else ["s1"])
         for level in a:
             np.testing.assert_array_equal(a[level], b[level])
     assert m1["profile"] == m2["profile"] and m1["sections"] == m2["sections"]
     # the outputs are the input over the recorded fields, and every plane was written
-    bias = _levels(tmp_path / "o1" / "bias.ome.zarr")["s0"]
+    bias = BiasModel.from_run(tmp_path / "o1").read(0, vol.shape[0])
+    if full_bias:                                           # fields.json gives the stored bias, bit for bit
+        np.testing.assert_array_equal(bias, _levels(tmp_path / "o1" / "bias.ome.zarr")["s0"])
     corrected = _levels(tmp_path / "o1" / "corrected.ome.zarr")["s0"]
     raw = vol.read(0, vol.shape[0])
     assert np.all(bias > 0)
     np.testing.assert_allclose(corrected * bias, raw, rtol=1e-5, atol=1e-6)
     # the shards are links to the parts' files, not copies
     shard = tmp_path / "o1" / "corrected.ome.zarr" / "s0" / "c" / "0" / "0" / "0"
-    assert shard.stat().st_nlink == 2 and m1["files_adopted"] == 2 * vol.shape[0] // CHUNKS[0]
+    assert shard.stat().st_nlink == 2
+    assert m1["files_adopted"] == (2 if full_bias else 1) * vol.shape[0] // CHUNKS[0]
+
+
+def test_the_bias_stored_from_level_1_is_the_full_biass_pyramid(solved, tmp_path):
+    """Without --full-bias the bias store is the full one's levels 1.. bit for bit, with their scales, and
+    opens as a volume on the level-1 grid; fields.json and ``octn4 bias`` give its level 0 exactly."""
+    from octn4.bias import BiasModel, write_bias
+    from octn4.io import read_attrs
+
+    vol, msk, solution, _ = solved
+    outs = {}
+    for full in (False, True):
+        parts = apply_parts(vol, msk, solution, tmp_path / f"p{full}", tile_mib=1, full_bias=full)
+        _finish(solved, parts, tmp_path / f"o{full}")
+        outs[full] = tmp_path / f"o{full}" / "bias.ome.zarr"
+    reduced, full = _levels(outs[False]), _levels(outs[True])
+    assert list(full) == ["s0", *reduced]
+    for level in reduced:
+        np.testing.assert_array_equal(reduced[level], full[level])
+    small, big = open_volume(outs[False]), open_volume(outs[True])
+    f = [n // m for n, m in zip(big.shape, small.shape)]
+    assert small.shape == full["s1"].shape and f[1:] == [2, 2]
+    assert small.voxel_size == pytest.approx(tuple(v * k for v, k in zip(big.voxel_size, f)))
+    ms = {k: zarr.open_group(str(outs[k]), mode="r").attrs["ome"]["multiscales"][0]["datasets"] for k in outs}
+    assert ms[False] == ms[True][1:]                          # the same paths, scales and translations
+    assert read_attrs(outs[False])["output"] == "bias"
+    model = BiasModel.from_run(tmp_path / "oFalse")
+    write_bias(model, tmp_path / "evaluated.ome.zarr", vol.voxel_size, tile_planes=5)
+    ev = _levels(tmp_path / "evaluated.ome.zarr")
+    for level in full:
+        np.testing.assert_array_equal(ev[level], full[level])
 
 
 def test_where_links_fail_the_parts_are_copied(solved, tmp_path, monkeypatch):
@@ -110,7 +147,7 @@ def test_where_links_fail_the_parts_are_copied(solved, tmp_path, monkeypatch):
 
     monkeypatch.setattr(octn4.io, "_hard_link", no_links)
     _finish(solved, parts, tmp_path / "copied")
-    shard = tmp_path / "copied" / "bias.ome.zarr" / "s0" / "c" / "0" / "0" / "0"
+    shard = tmp_path / "copied" / "corrected.ome.zarr" / "s0" / "c" / "0" / "0" / "0"
     assert shard.stat().st_nlink == 1
     for name in ("corrected.ome.zarr", "bias.ome.zarr"):
         a, b = _levels(tmp_path / "linked" / name), _levels(tmp_path / "copied" / name)
@@ -118,14 +155,21 @@ def test_where_links_fail_the_parts_are_copied(solved, tmp_path, monkeypatch):
             np.testing.assert_array_equal(a[level], b[level])
 
 
-def test_nifti_outputs_stream_the_parts(solved, tmp_path):
+@pytest.mark.parametrize("full_bias", [False, True])
+def test_nifti_outputs_stream_the_parts(solved, tmp_path, full_bias):
+    """NIfTI has one resolution: its bias is the full one, streamed from the parts or, where they hold only
+    level 1, evaluated from the solution: the same values either way."""
+    from octn4.bias import BiasModel
+
     vol, msk, solution, _ = solved
-    parts = apply_parts(vol, msk, solution, tmp_path / "p", tile_mib=1)
+    parts = apply_parts(vol, msk, solution, tmp_path / "p", tile_mib=1, full_bias=full_bias)
     _finish(solved, parts, tmp_path / "z")
     _finish(solved, parts, tmp_path / "n", output_format="nifti")
+    want = {"corrected": _levels(tmp_path / "z" / "corrected.ome.zarr")["s0"],
+            "bias": BiasModel.from_run(tmp_path / "z").read(0, vol.shape[0])}
     for name in ("corrected", "bias"):
         a = open_volume(tmp_path / "n" / f"{name}.nii.gz")
-        np.testing.assert_array_equal(a.read(0, a.shape[0]), _levels(tmp_path / "z" / f"{name}.ome.zarr")["s0"])
+        np.testing.assert_array_equal(a.read(0, a.shape[0]), want[name])
 
 
 def test_bad_parts_are_refused_by_name(solved, tmp_path):
@@ -138,8 +182,8 @@ def test_bad_parts_are_refused_by_name(solved, tmp_path):
     # a part holding a chunk row it does not own (a stray or planted file) is an error, not an overwrite
     stray = tmp_path / "stray"
     shutil.copytree(parts[1], stray)
-    src = parts[0] / "bias.zarr" / "s0" / "c" / "0"
-    shutil.copytree(src, stray / "bias.zarr" / "s0" / "c" / "0")
+    src = parts[0] / "corrected.zarr" / "s0" / "c" / "0"
+    shutil.copytree(src, stray / "corrected.zarr" / "s0" / "c" / "0")
     with pytest.raises(InputError, match=r"holds chunk row 0 \(planes 0\.\.8\) outside the planes 16\.\.24"):
         _finish(solved, [parts[0], stray] + parts[2:], tmp_path / "o3")
     # a part made for another layout
@@ -151,7 +195,11 @@ def test_bad_parts_are_refused_by_name(solved, tmp_path):
         _finish(solved, parts[:4] + [tmp_path / "p"], tmp_path / "o4")
     with pytest.raises(InputError, match="out of range"):
         apply_part(vol, msk, solution, 9, tmp_path / "p9", tile_planes=8)
-    for d in ("o1", "o2", "o3", "o4"):              # nothing was published
+    full = apply_part(vol, msk, solution, 2, tmp_path / "full2", tile_planes=8, full_bias=True)
+    assert full["planes"] == [24, 32]
+    with pytest.raises(InputError, match="disagree on storing level 0"):   # parts made with and without it
+        _finish(solved, parts[:2] + [tmp_path / "full2"] + parts[3:], tmp_path / "o5")
+    for d in ("o1", "o2", "o3", "o4", "o5"):        # nothing was published
         assert not (tmp_path / d / "corrected.ome.zarr").exists()
 
 

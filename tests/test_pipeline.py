@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+from octn4.bias import read_bias
 from octn4.cli import main
 from octn4.io import open_volume, read_attrs
 from octn4.metrics import boundary_steps, log_bias_error
@@ -31,7 +32,10 @@ def test_outputs_and_provenance(result, demo_stack):
     assert names == ["bias.ome.zarr", "corrected.ome.zarr", "fields.json", "mask.ome.zarr", "metrics.json", "report"]
     for name in ("corrected", "bias", "mask"):
         vol = open_volume(result / f"{name}.ome.zarr")
-        assert vol.shape == (96, 192, 192) and vol.voxel_size == (0.05, 0.05, 0.05)
+        if name == "bias":               # stored from pyramid level 1 down (fields.json holds level 0 exactly)
+            assert vol.shape == (48, 96, 96) and vol.voxel_size == (0.1, 0.1, 0.1)
+        else:
+            assert vol.shape == (96, 192, 192) and vol.voxel_size == (0.05, 0.05, 0.05)
         attrs = read_attrs(result / f"{name}.ome.zarr")
         assert attrs["engine"] == "octn4" and attrs["device"] == "cpu"
         assert attrs["input"] == str((demo_stack / "volume.ome.zarr").resolve())
@@ -56,8 +60,10 @@ def test_the_bias_is_the_recorded_fields(result, demo_stack):
         z0, z1 = sec["z_start"], sec["z_stop"]
         log_b[z0:z1] = BSplineField.from_dict(sec["field"]).evaluate(np.arange(z1 - z0)) + sec["gain_log"]
     log_b += BSplineField.from_dict(fields["global"]).evaluate(np.arange(shape[0]))
-    bias = read(result / "bias.ome.zarr")
+    bias = read_bias(result)
     np.testing.assert_allclose(bias, np.exp(log_b), rtol=2e-6)
+    stored = read(result / "bias.ome.zarr")                            # level 1: means of 2 x 2 x 2 blocks
+    np.testing.assert_allclose(stored, np.exp(log_b).reshape(48, 2, 96, 2, 96, 2).mean(axis=(1, 3, 5)), rtol=2e-6)
     assert np.ptp(np.log(bias)) > 0.5                                  # a real field, not an identity
     raw = read(demo_stack / "volume.ome.zarr")
     np.testing.assert_allclose(read(result / "corrected.ome.zarr"), raw / np.exp(log_b), rtol=2e-6)
@@ -69,7 +75,7 @@ def test_correction_against_the_known_bias(result, demo_stack):
     and 0.5x of uncorrected, 10x and 27x looser)."""
     truth = read(demo_stack / "truth_bias.ome.zarr")
     tissue = read(demo_stack / "labels.ome.zarr") > 0
-    est = read(result / "bias.ome.zarr")
+    est = read_bias(result)
     before = log_bias_error(np.ones_like(truth), truth, tissue)
     after = log_bias_error(est, truth, tissue)
     assert before > 0.25 and after <= 0.025, (before, after)
@@ -157,8 +163,7 @@ def test_batched_section_fits_give_the_per_section_result(small_stack, tmp_path)
     assert [f["batch_size"] for f in batch["section_fits"]] == [3, 3, 3]
     assert [f["batch_size"] for f in one["section_fits"]] == [1, 1, 1]
     assert [f["iterations"] for f in batch["section_fits"]] == [f["iterations"] for f in one["section_fits"]]
-    np.testing.assert_allclose(read(tmp_path / "batch" / "bias.ome.zarr"), read(tmp_path / "one" / "bias.ome.zarr"),
-                               rtol=1e-6)
+    np.testing.assert_allclose(read_bias(tmp_path / "batch"), read_bias(tmp_path / "one"), rtol=1e-6)
 
 
 def test_nifti_output(small_stack, tmp_path):
@@ -168,6 +173,9 @@ def test_nifti_output(small_stack, tmp_path):
     assert {"corrected.nii.gz", "bias.nii.gz", "mask.nii.gz", "corrected.json"} <= {p.name for p in out.iterdir()}
     assert open_volume(out / "corrected.nii.gz").voxel_size == pytest.approx((0.05, 0.05, 0.05))
     assert read_attrs(out / "bias.nii.gz")["output"] == "bias"
+    bias = open_volume(out / "bias.nii.gz")                # NIfTI has one resolution: the full bias
+    assert bias.shape == open_volume(out / "corrected.nii.gz").shape
+    np.testing.assert_array_equal(bias.read(0, bias.shape[0]), read_bias(out))
 
 
 def test_a_single_section_runs_and_says_it_has_no_boundary(small_stack, tmp_path, capsys):
@@ -380,7 +388,7 @@ def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, 
     truth = open_volume(demo_stack / "truth_bias.ome.zarr")
     tissue = open_volume(demo_stack / "labels.ome.zarr").read(0, 96) > 0
     bounds = [tuple(b) for b in json.loads((demo_stack / "synth.json").read_text())["sections"]]
-    total, between, _, worst = accuracy_synth.error_parts(open_volume(result / "bias.ome.zarr").read(0, 96),
+    total, between, _, worst = accuracy_synth.error_parts(read_bias(result),
                                                           truth.read(0, 96), tissue, bounds)
     assert res["error"]["err"] == pytest.approx(total, rel=1e-6) and 0 < total < 0.2
     assert res["error"]["between"] == pytest.approx(between, rel=1e-6, abs=1e-9)
@@ -402,3 +410,35 @@ def test_the_scale_benchmark_measures_the_floor_and_predicts_from_a_run(result, 
     one, eight, many = (r["this_stack_s"] for r in res["prediction"])
     waves_of_one = np.mean(m["thresholds_s"]) + np.mean(m["part_s"])   # the mask tasks, per section, at least once
     assert one >= eight >= many >= m["finish_s"] + t["finish"] + waves_of_one
+
+
+def test_the_bias_at_full_resolution_on_request_and_from_fields(demo_stack, small_stack, tmp_path):
+    """--full-bias stores level 0 too; otherwise the store starts at level 1, its levels the same bits, and
+    ``octn4 bias`` writes the full level from fields.json, bit for bit what --full-bias stored.  A volume
+    too small for a pyramid stores its bias at full resolution either way."""
+    assert main(["run", str(small_stack / "volume.ome.zarr"), str(tmp_path / "small"), "--sections", "3", *FAST]) == 0
+    assert open_volume(tmp_path / "small" / "bias.ome.zarr").shape == open_volume(small_stack / "volume.ome.zarr").shape
+    inp = str(demo_stack / "volume.ome.zarr")
+    assert main(["run", inp, str(tmp_path / "full"), "--sections", "3", "--full-bias", *FAST]) == 0
+    assert main(["run", inp, str(tmp_path / "lean"), "--sections", "3", *FAST]) == 0
+
+    def levels(p):
+        g = zarr.open_group(str(p), mode="r")
+        return {k: g[k][:] for k in sorted(g.array_keys())}
+
+    full, lean = levels(tmp_path / "full" / "bias.ome.zarr"), levels(tmp_path / "lean" / "bias.ome.zarr")
+    assert list(full) == ["s0", *lean] and len(lean) >= 1
+    for k in lean:
+        np.testing.assert_array_equal(lean[k], full[k])
+    np.testing.assert_array_equal(read(tmp_path / "full" / "corrected.ome.zarr"),
+                                  read(tmp_path / "lean" / "corrected.ome.zarr"))
+    assert read_attrs(tmp_path / "lean" / "corrected.ome.zarr")["parameters"]["full_bias"] is False
+    for out in ("b.ome.zarr", "b.nii.gz"):
+        assert main(["bias", str(tmp_path / "lean"), str(tmp_path / out), "-q"]) == 0
+        np.testing.assert_array_equal(read(tmp_path / out), full["s0"])
+    evaluated = levels(tmp_path / "b.ome.zarr")
+    assert list(evaluated) == list(full) and all(np.array_equal(evaluated[k], full[k]) for k in full)
+    assert read_attrs(tmp_path / "b.ome.zarr")["stage"] == "bias"
+    (tmp_path / "lean" / "fields.json").unlink()
+    assert main(["bias", str(tmp_path / "lean"), str(tmp_path / "c.ome.zarr"), "-q"]) != 0
+    assert not (tmp_path / "c.ome.zarr").exists()

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from octn4.bias import read_bias
 from octn4.bspline import BSplineField, axis_map, shrink_grid
 from octn4.cli import main
 from octn4.depth import depth_line
@@ -374,7 +375,7 @@ REFERENCE = ["--engine", "octn4", "--itk-parity", "--no-gains", "--mask-method",
 
 def _error(result, stack):
     tissue = read(stack / "labels.ome.zarr") > 0
-    e = np.log(read(result / "bias.ome.zarr")[tissue].astype(np.float64)) \
+    e = np.log(read_bias(result)[tissue].astype(np.float64)) \
         - np.log(read(stack / "truth_bias.ome.zarr")[tissue].astype(np.float64))
     return float(np.sqrt(np.mean((e - e.mean()) ** 2)))
 

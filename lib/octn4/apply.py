@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bias import bias_planes, section_fields, section_log_field
 from .bspline import BSplineField
 from .errors import InputError
 from .io import (
@@ -45,6 +46,7 @@ from .io import (
     Volume,
     atomic_dir,
     create_writer,
+    keeps_level1,
     open_mask,
     open_volume,
     part_files,
@@ -58,9 +60,9 @@ from .workers import worker_pool
 
 log = logging.getLogger("octn4")
 
-__all__ = ["owned_planes", "tile_planes_for", "part_tiles", "section_fields", "section_log_field", "apply_part",
-           "apply_parts", "finish", "read_solution", "mask_plane_thresholds", "near_empty_sections", "PART_OUTPUTS",
-           "stage_apply_files", "stage_finish_files"]
+__all__ = ["bias_level0", "owned_planes", "tile_planes_for", "part_tiles", "section_fields", "section_log_field",
+           "apply_part", "apply_parts", "finish", "read_solution", "mask_plane_thresholds", "near_empty_sections",
+           "PART_OUTPUTS", "stage_apply_files", "stage_finish_files"]
 
 #: The volumes every part holds, and the output each becomes.
 PART_OUTPUTS = ("corrected", "bias")
@@ -99,23 +101,6 @@ def part_tiles(z0: int, z1: int, tile_planes: int):
     return [(max(z0, k * t), min(z1, (k + 1) * t)) for k in range(z0 // t, -(-z1 // t))] if z1 > z0 else []
 
 
-def section_fields(records) -> list[tuple[int, int, BSplineField, float]]:
-    """``(z0, z1, field, log gain)`` per section; the gain is 0 until harmonised."""
-    return [(r["z_start"], r["z_stop"], BSplineField.from_dict(r["field"]), float(r.get("gain_log", 0.0)))
-            for r in records]
-
-
-def section_log_field(fields, z, ys=None, xs=None) -> np.ndarray:
-    """Per-section log bias (field + log gain) at planes ``z`` (ascending) and Y/X index arrays."""
-    z = np.asarray(z)
-    parts = []
-    for z0, z1, fld, gain in fields:
-        sel = z[(z >= z0) & (z < z1)]
-        if sel.size:
-            parts.append(fld.evaluate(sel - z0, ys, xs) + np.float32(gain))
-    return np.concatenate(parts, axis=0)
-
-
 def read_solution(path) -> dict:
     """The global stage's solution (``global.json``), checked for what the apply needs."""
     try:
@@ -134,15 +119,23 @@ def _check_geometry(vol: Volume, solution: dict, where) -> None:
                          f"{vol.shape}", where)
 
 
+def bias_level0(shape, voxel_size, full_bias: bool) -> bool:
+    """Whether the bias output stores level 0: on request (``full_bias``), or where the shape has no first
+    pyramid level for it to start at (:func:`octn4.io.keeps_level1`)."""
+    return bool(full_bias) or not keeps_level1(shape, voxel_size)
+
+
 def apply_part(vol: Volume, msk: Volume, solution: dict, index: int, out_dir, *, tile_planes: int,
-               overwrite: bool = False, show_progress: bool = True) -> dict:
+               overwrite: bool = False, show_progress: bool = True, full_bias: bool = False) -> dict:
     """Write section ``index``'s part of the outputs to ``out_dir`` (made complete, or not at all).
 
     ``out_dir`` gets one :class:`octn4.io.PartWriter` store per output
-    (``corrected.zarr``, ``bias.zarr``: the planes of :func:`owned_planes`)
-    and ``part.json``: the planes, the per-plane tissue statistics of input
-    and corrected volume there (:meth:`octn4.metrics.PlaneStats.part`), and
-    the time taken.  Returns ``part.json``'s content.
+    (``corrected.zarr``, ``bias.zarr``: the planes of :func:`owned_planes`;
+    the bias's first pyramid level only, unless ``full_bias``:
+    :func:`bias_level0`) and ``part.json``: the planes, the per-plane tissue
+    statistics of input and corrected volume there
+    (:meth:`octn4.metrics.PlaneStats.part`), and the time taken.  Returns
+    ``part.json``'s content.
     """
     t0 = time.perf_counter()
     records = solution["sections"]
@@ -158,17 +151,14 @@ def apply_part(vol: Volume, msk: Volume, solution: dict, index: int, out_dir, *,
     rows = ForwardReader(vol)          # tiles thinner than the input's Z chunks decompress each chunk once
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        level0 = {"corrected": True, "bias": bias_level0(vol.shape, vol.voxel_size, full_bias)}
         writers = {name: PartWriter(tmp / f"{name}.zarr", vol.shape, owned=(z0, z1), chunks=CHUNKS,
-                                    voxel_size=vol.voxel_size)
+                                    voxel_size=vol.voxel_size, level0=level0[name])
                    for name in PART_OUTPUTS}
         shown = progress(len(tiles), f"apply: section {index}") if show_progress else nullcontext(lambda n=1: None)
         with shown as advance:
             for a, b in tiles:
-                zz = np.arange(a, b)
-                log_b = section_log_field(fields, zz)
-                log_b += global_field.evaluate(zz)
-                bias = np.exp(log_b)
-                del log_b
+                bias = bias_planes(fields, global_field, np.arange(a, b))
                 raw = rows.read(a, b)
                 corrected = raw / np.maximum(bias, np.float32(1e-6))
                 writers["corrected"].write(a, corrected)
@@ -216,13 +206,45 @@ def ordered_parts(paths, bounds, depth: int) -> list[dict]:
     return [parts[i] for i in range(len(bounds))]
 
 
-def _assemble(name: str, parts, outdir: Path, vol: Volume, attrs: dict, output_format: str) -> int:
+def _stores_level0(store) -> bool:
+    try:
+        meta = json.loads((Path(store) / "zarr.json").read_text())["attributes"]["octn4_part"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"not an octn4 output part ({exc})", store) from None
+    return bool(meta.get("level0", True))
+
+
+def _level0_of(stores, name: str) -> bool:
+    """Whether the parts' stores of output ``name`` hold level 0 (all of them, or none: checked)."""
+    level0 = [_stores_level0(s) for s in stores]
+    if len(set(level0)) > 1:
+        raise InputError(f"the parts of {name} disagree on storing level 0 (made with and without --full-bias)",
+                         stores[level0.index(False)])
+    return level0[0] if level0 else True
+
+
+def _assemble(name: str, parts, outdir: Path, vol: Volume, attrs: dict, output_format: str, solution: dict) -> int:
     """Output ``name`` from the parts: shards adopted by link (OME-Zarr), or streamed in Z order (NIfTI).
-    Returns the number of files linked or copied (0 for NIfTI)."""
+    Returns the number of files linked or copied (0 for NIfTI).
+
+    Parts that hold no level 0 (the bias, :func:`bias_level0`) make an
+    OME-Zarr stored from level 1 down; a NIfTI output, which has one
+    resolution, gets those planes evaluated from the solution's lattices
+    instead (:func:`octn4.bias.bias_planes`: the apply's own values).
+    """
     ext = ".nii.gz" if output_format == "nifti" else ".ome.zarr"
+    stores = [(part["path"] / f"{name}.zarr", part["planes"]) for part in parts]
+    full = _level0_of([s for s, _ in stores], name)
     with create_writer(outdir / f"{name}{ext}", vol.shape, vol.voxel_size, attrs=dict(attrs, output=name),
-                       chunks=CHUNKS, overwrite=True, affine=vol.affine) as w:
-        taken = take_parts(w, [(part["path"] / f"{name}.zarr", part["planes"]) for part in parts])
+                       chunks=CHUNKS, overwrite=True, affine=vol.affine,
+                       **({} if full or output_format == "nifti" else {"level0": False})) as w:
+        if full or output_format != "nifti":
+            taken = take_parts(w, stores)
+        else:
+            taken = 0
+            fields, global_field = section_fields(solution["sections"]), BSplineField.from_dict(solution["global"])
+            for z0 in range(0, vol.shape[0], CHUNKS[0]):
+                w.write(z0, bias_planes(fields, global_field, np.arange(z0, min(vol.shape[0], z0 + CHUNKS[0]))))
         w.commit()
     return taken
 
@@ -262,12 +284,14 @@ def finish(vol: Volume, msk: Volume, solution: dict, part_paths, outdir, *, outp
     for part in parts:                   # every part checked before any output is made
         for name in PART_OUTPUTS:
             part_files(part["path"] / f"{name}.zarr", CHUNKS[0])
+    for name in PART_OUTPUTS:
+        _level0_of([part["path"] / f"{name}.zarr" for part in parts], name)
     outdir = Path(outdir)
     attrs = solution.get("provenance", {})
     taken = 0
     with progress(len(PART_OUTPUTS), "finish: outputs and pyramids") as advance:
         for name in PART_OUTPUTS:
-            taken += _assemble(name, parts, outdir, vol, attrs, output_format)
+            taken += _assemble(name, parts, outdir, vol, attrs, output_format, solution)
             advance()
     stats = PlaneStats(vol.shape[0])
     for part in parts:
@@ -341,21 +365,21 @@ def _metrics(vol, stats, bounds, records, solution, timings, near_empty=()) -> d
 
 
 def _apply_task(job):
-    input_path, mask_path, voxel_size, solution, index, out_dir, tile_planes = job
+    input_path, mask_path, voxel_size, solution, index, out_dir, tile_planes, full_bias = job
     vol = open_volume(input_path, voxel_size=voxel_size)
     return apply_part(vol, open_mask(mask_path, vol), solution, index, out_dir, tile_planes=tile_planes,
-                      overwrite=True, show_progress=False)
+                      overwrite=True, show_progress=False, full_bias=full_bias)
 
 
 def apply_parts(vol: Volume, msk: Volume, solution: dict, part_dir: Path, *, tile_mib: int, workers: int = 1,
-                order=None) -> list[Path]:
+                order=None, full_bias: bool = False) -> list[Path]:
     """Every section's output part (:func:`octn4.apply.apply_part`) in ``part_dir``, ``workers`` at a time,
     in ``order`` (default: by index).  Returns the part folders by index."""
     n = len(solution["sections"])
     order = list(range(n)) if order is None else list(order)
     tile_planes = tile_planes_for(vol.shape, tile_mib, vol.chunk_planes)
     paths = [Path(part_dir) / f"part_{i}" for i in range(n)]
-    jobs = [(vol.path, msk.path, vol.voxel_size, solution, i, paths[i], tile_planes) for i in order]
+    jobs = [(vol.path, msk.path, vol.voxel_size, solution, i, paths[i], tile_planes, full_bias) for i in order]
     workers = max(1, min(workers, n))
     with progress(len(jobs), "apply bias field") as advance:
         if workers == 1:
@@ -372,12 +396,13 @@ def apply_parts(vol: Volume, msk: Volume, solution: dict, part_dir: Path, *, til
 
 
 def stage_apply_files(input_path, mask_path, solution_json, index: int, out_dir, *, voxel_size=None,
-                      tile_mib: int = 1024, overwrite: bool = False) -> dict:
+                      tile_mib: int = 1024, overwrite: bool = False, full_bias: bool = False) -> dict:
     """One section's output part from files: input, mask, the global solution -> ``out_dir``."""
     vol = open_volume(input_path, voxel_size=voxel_size)
     msk = open_mask(mask_path, vol)
     return apply_part(vol, msk, read_solution(solution_json), index, out_dir,
-                      tile_planes=tile_planes_for(vol.shape, tile_mib, vol.chunk_planes), overwrite=overwrite)
+                      tile_planes=tile_planes_for(vol.shape, tile_mib, vol.chunk_planes), overwrite=overwrite,
+                      full_bias=full_bias)
 
 
 def stage_finish_files(input_path, mask_path, solution_json, part_dirs, outdir, *, voxel_size=None,

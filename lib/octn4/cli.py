@@ -301,7 +301,7 @@ def _cmd_run(a) -> None:
         voxel_size=a.voxel_size, mask_path=a.mask, mask=mask_params(a), section_n4=n4_params(a),
         global_n4=n4_params(a, "global-"), gains=gain_params(a), workers=a.workers, threads=a.threads,
         output_format=a.format, overwrite=a.overwrite, check_log_scale=not a.skip_log_scale_check,
-        engine=a.engine, device=a.device, batch_sections=a.batch_sections)
+        engine=a.engine, device=a.device, batch_sections=a.batch_sections, full_bias=a.full_bias)
     m = run(a.input, a.outdir, config, resume=a.resume)
     s = m["summary"]
     if s["boundary_step_rms_before"] is None:      # one section: no boundary
@@ -329,11 +329,40 @@ def _cmd_synth(a) -> None:
           f"{a.profile} depth profile) with truth_bias, clean and labels beside it")
 
 
+def _cmd_bias(a) -> None:
+    from .bias import BiasModel, write_bias
+    from .io import open_volume, read_attrs
+    from .provenance import provenance
+
+    results = Path(a.results)
+    model = BiasModel.from_run(results)
+    corrected = next((p for p in (results / "corrected.ome.zarr", results / "corrected.nii.gz") if p.exists()), None)
+    if corrected is None:
+        raise InputError("no corrected output beside fields.json (its grid gives the bias's)", results)
+    grid = open_volume(corrected)
+    if grid.shape != model.shape:
+        raise InputError(f"fields.json is for a volume of shape {model.shape}, the corrected output has "
+                         f"{grid.shape}", corrected)
+    run_attrs = read_attrs(corrected)
+    attrs = provenance("bias", grid, {"results": str(results.resolve()), "tile_planes": a.tile_planes},
+                       engine=run_attrs.get("engine", "octn4"), device="cpu",
+                       extra={"run": {k: run_attrs.get(k) for k in ("octn4_version", "created", "parameters")}})
+    write_bias(model, a.out, grid.voxel_size, affine=grid.affine, tile_planes=a.tile_planes,
+               attrs=dict(attrs, output="bias"), overwrite=a.overwrite)
+    print(f"octn4: wrote the full-resolution bias of {results} to {a.out}")
+
+
 def _cmd_report(a) -> None:
     from .report import build_report
 
     page = build_report(a.results, a.out, name=a.name, max_px=a.max_px, overwrite=True, mask=a.mask)
     print(f"octn4: wrote {page}")
+
+
+def add_full_bias_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--full-bias", action="store_true",
+                   help="store the bias output at full resolution too (default, OME-Zarr: from pyramid level 1 "
+                        "down; fields.json holds it exactly and 'octn4 bias' writes it at full resolution)")
 
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
@@ -364,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1, help="sections fitted in parallel (processes)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads in total (default: all cores)")
     r.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
+    add_full_bias_arg(r)
     add_engine_args(r, batch=True)
     add_mask_args(r)
     add_n4_args(r, title="N4 per section")
@@ -371,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_n4_args(r, "global-", title="global N4")
     add_common_args(r)
     r.set_defaults(fn=_cmd_run)
+
+    b = sub.add_parser("bias", help="write a run's bias at full resolution, evaluated from its fields.json",
+                       description="The bias the run divided by, at every voxel, from the lattices in fields.json "
+                                   "(the same values, bit for bit): for a run whose OME-Zarr bias starts at "
+                                   "pyramid level 1.")
+    b.add_argument("results", type=Path, help="an octn4 run's output folder")
+    b.add_argument("out", type=Path, help="the bias to write (.ome.zarr, or .nii/.nii.gz)")
+    b.add_argument("--tile-planes", type=int, default=16, help="planes evaluated at a time")
+    add_common_args(b)
+    b.set_defaults(fn=_cmd_bias)
 
     rep = sub.add_parser("report", help="(re)build the QC report of a run from its outputs")
     add_report_args(rep)

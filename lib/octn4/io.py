@@ -30,6 +30,7 @@ __all__ = [
     "Volume",
     "ForwardReader",
     "KeptPlanes",
+    "keeps_level1",
     "ScanResult",
     "open_volume",
     "scan_volume",
@@ -964,6 +965,13 @@ def part_files(part, planes_per_file: int) -> list[tuple[Path, Path]]:
     return sorted(out)
 
 
+def keeps_level1(shape, voxel_size, chunks=CHUNKS) -> bool:
+    """Whether an output of this shape has a first pyramid level that its parts can keep (:class:`PartWriter`):
+    the condition for storing it from level 1 down."""
+    factors = _pyramid_factors(tuple(shape), _check_voxel_size(voxel_size, "output"))
+    return bool(factors) and min(chunks[0], shape[0]) % factors[0][0] == 0
+
+
 class PartWriter(_Writer):
     """The part of an output that one apply task writes: level 0 of the chunk rows it owns, and the first
     pyramid level of those planes.
@@ -985,11 +993,13 @@ class PartWriter(_Writer):
     ``s1`` is the part's own array, unsharded; the finishing step reads it
     (:meth:`OmeZarrWriter.take_level1`) instead of re-reading level 0, a
     quarter or an eighth of the voxels.  Planes must be written in Z order
-    for ``s1``.
+    for ``s1``.  ``level0=False``: ``s1`` only (the ``s0`` array is created
+    for its layout but holds no chunk), for an output stored from level 1
+    down (``OmeZarrWriter(level0=False)``).
     """
 
     def __init__(self, path, shape, *, owned, dtype=np.float32, chunks=None, overwrite=False, shards: bool = True,
-                 voxel_size=None, reduce: str = "mean"):
+                 voxel_size=None, reduce: str = "mean", level0: bool = True):
         import zarr
 
         super().__init__(path, overwrite)
@@ -1010,13 +1020,17 @@ class PartWriter(_Writer):
             l1 = _create_level(group, "s1", tuple(n // k for n, k in zip(self.shape, f)), self.chunks,
                                np.dtype(dtype), False)
             self._level1 = _Level(l1, f, start=z0 // f[0])
+        self.level0 = bool(level0)
+        if not self.level0 and self._level1 is None:
+            raise ValueError("a part that stores no level 0 keeps its first pyramid level, and this shape has none")
 
     def write(self, z0: int, block: np.ndarray) -> None:
         z1 = z0 + block.shape[0]
         if not self.owned[0] <= z0 <= z1 <= self.owned[1]:
             raise ValueError(f"planes {z0}..{z1} are outside this part's {self.owned[0]}..{self.owned[1]}")
         block = np.asarray(block, dtype=self._s0.dtype)
-        self._s0[z0:z1] = block
+        if self.level0:
+            self._s0[z0:z1] = block
         if self._level1 is not None:
             if z0 != self._next:
                 raise ValueError(f"a part keeping its pyramid level takes planes in Z order: expected z0="
@@ -1025,7 +1039,7 @@ class PartWriter(_Writer):
             self._level1.take(block, self.reduce)
 
     def commit(self) -> None:
-        meta = {"planes": list(self.owned)}
+        meta = {"planes": list(self.owned), "level0": self.level0}
         if self._level1 is not None:
             if self._next != self.owned[1]:
                 raise ValueError(f"part incomplete: planes {self.owned[0]}..{self._next} of "
@@ -1052,6 +1066,11 @@ class OmeZarrWriter(_Writer):
     ``octn4`` key, and renames the store into place.
 
     ``reduce`` is 'mean' for intensities and 'max' for masks.
+    ``level0=False``: the store begins at pyramid level 1 (its datasets
+    ``s1``, ``s2``, ... with their own scales; no ``s0``), filled from the
+    parts' level 1 (:meth:`take_level1`) or from level-0 blocks written in Z
+    order, which are reduced and not kept: the bias, which ``fields.json``
+    holds exactly (:mod:`octn4.bias`).
 
     Every level is stored in Zarr v3 shards of one chunk row of Z by whole
     planes (``shards=True``): a level of ``Z`` planes is ``Z / chunk_z``
@@ -1064,7 +1083,7 @@ class OmeZarrWriter(_Writer):
     """
 
     def __init__(self, path, shape, voxel_size, *, dtype=np.float32, chunks=None, attrs=None,
-                 overwrite=False, reduce="mean", name=None, shards: bool = True):
+                 overwrite=False, reduce="mean", name=None, shards: bool = True, level0: bool = True):
         import zarr
 
         super().__init__(path, overwrite)
@@ -1085,6 +1104,9 @@ class OmeZarrWriter(_Writer):
             self._levels.append(_Level(self._create(f"s{level}", shape), f))
         self._next_z = 0            # where the next in-order block starts; None once a block came out of order
         self._level1_next = None    # where the next part's level-1 planes start (take_level1)
+        self.level0 = bool(level0)
+        if not self.level0 and not self._levels:
+            raise ValueError(f"an output stored from level 1 down needs a pyramid level 1; {self.shape} has none")
 
     def _create(self, name, shape):
         return _create_level(self._group, name, shape, self.chunks, self.dtype, self.sharded)
@@ -1099,6 +1121,8 @@ class OmeZarrWriter(_Writer):
         silent overwrite.  After any adoption :meth:`commit` builds the
         pyramid from level 0 as stored.
         """
+        if not self.level0:
+            return 0                    # stored from level 1 down: take_level1 takes what there is
         root = Path(part).resolve()
         files = part_files(part, self._s0.chunks[0] if self._s0.shards is None else self._s0.shards[0])
         theirs, ours = (json.loads((r / "s0" / "zarr.json").read_text()) for r in (root, self.tmp))
@@ -1152,7 +1176,11 @@ class OmeZarrWriter(_Writer):
 
     def write(self, z0: int, block: np.ndarray) -> None:
         block = np.asarray(block, dtype=self.dtype)
-        self._s0[z0:z0 + block.shape[0]] = block
+        if self.level0:
+            self._s0[z0:z0 + block.shape[0]] = block
+        elif self._next_z != z0:
+            raise ValueError(f"an output stored from level 1 down takes its planes in Z order: expected z0="
+                             f"{self._next_z}, got {z0}")
         if self._next_z == z0:
             self._next_z += block.shape[0]
             for level in self._levels:              # reduce into every coarser level from memory
@@ -1166,9 +1194,14 @@ class OmeZarrWriter(_Writer):
         from ome_zarr.format import FormatV05
         from ome_zarr.writer import write_multiscales_metadata
 
-        datasets = [self._dataset("s0", (1, 1, 1))]
+        datasets = [self._dataset("s0", (1, 1, 1))] if self.level0 else []
         streamed = self._next_z == self.shape[0] or (
             bool(self._levels) and self._level1_next == self._levels[0].array.shape[0])
+        if not self.level0:
+            if not streamed:
+                raise ValueError("an output stored from level 1 down is incomplete: its level 1 came neither "
+                                 "from every part nor from every plane in Z order")
+            shutil.rmtree(self.tmp / "s0")
         prev, cum = self._s0, np.ones(3, int)
         for level_no, level in enumerate(self._levels, start=1):
             f, cur = level.factor, level.array

@@ -84,6 +84,7 @@ class RunConfig:
     overwrite: bool = False
     check_log_scale: bool = True
     tile_mib: int = 1024
+    full_bias: bool = False          # store the bias at full resolution (default: OME-Zarr from level 1 down)
     engine: str = "octn4"
     device: str = "cpu"              # 'cpu', 'cuda' or 'auto'; resolved to 'cpu' or 'cuda' on creation
     batch_sections: int = 0          # sections per batched fit (octn4 engine); 0 = auto
@@ -139,7 +140,8 @@ class RunConfig:
             "global_n4": self.global_n4.as_dict(), "gains": self.gains.as_dict(),
             "workers": self.workers, "threads": self.total_threads,
             "output_format": self.output_format, "check_log_scale": self.check_log_scale,
-            "engine": self.engine, "device": self.device, "device_requested": self.device_requested,
+            "full_bias": self.full_bias, "engine": self.engine, "device": self.device,
+            "device_requested": self.device_requested,
             "device_choice": self.device_choice, "batch_sections": self.batch_sections,
         }
 
@@ -177,7 +179,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                             work_dir=work)
     t0 = time.perf_counter()
     parts = apply_parts(vol, msk, solution, outdir / ".work" / "parts", tile_mib=config.tile_mib,
-                        workers=1 if config.device == "cuda" else config.workers)
+                        workers=1 if config.device == "cuda" else config.workers,
+                        full_bias=config.full_bias or config.output_format == "nifti")
     timings["apply"] = time.perf_counter() - t0
     return finish(vol, msk, solution, parts, outdir, output_format=config.output_format, timings=timings)
 

@@ -1,8 +1,11 @@
 """QC report: pictures and numbers a person can judge at a glance.
 
-Built from a run's stored outputs alone (``corrected``, ``bias``, ``mask``,
-``metrics.json``), so it can be regenerated without recomputing.  The input
-view is ``corrected * bias``, which is the input up to float rounding.  Every
+Built from a run's stored outputs alone (``corrected``, ``mask``,
+``fields.json``, ``metrics.json``), so it can be regenerated without
+recomputing.  The bias views are evaluated from ``fields.json`` at the
+views' voxels (:mod:`octn4.bias`: what the run divided by, whatever level
+the stored bias starts at); the input view is ``corrected * bias``, which
+is the input up to float rounding.  Every
 view is read with strides so that no image exceeds ``max_px`` on a side:
 the report's memory does not grow with the volume.
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bias import BiasModel
 from .errors import InputError
 from .io import atomic_dir, open_volume, write_json
 
@@ -68,6 +72,16 @@ def _cuts(vol, z: int, y: int, x: int, max_px: int) -> dict:
     return {"XY": (xy, px["XY"]), "XZ": (np.stack(rows), px["XZ"]), "YZ": (np.stack(cols), px["YZ"])}
 
 
+def _model_cuts(model: BiasModel, like: dict, z: int, y: int, x: int, max_px: int) -> dict:
+    """:func:`_cuts` of the bias evaluated from its lattices (:mod:`octn4.bias`): the same voxels the
+    other volumes' cuts sample, whatever resolution the stored bias has."""
+    kz, ky, kx = (max(1, math.ceil(n / max_px)) for n in model.shape)
+    zs, ys, xs = (np.arange(0, n, k) for n, k in zip(model.shape, (kz, ky, kx)))
+    return {"XY": (model.at([z], ys, xs)[0], like["XY"][1]),
+            "XZ": (model.at(zs, [y], xs)[:, 0, :], like["XZ"][1]),
+            "YZ": (model.at(zs, ys, [x])[:, :, 0], like["YZ"][1])}
+
+
 def _centre(mask_path, metrics, max_px: int) -> tuple[int, int, int]:
     """Middle plane of the middle section, and the tissue's centre in that plane (from a strided read)."""
     secs = metrics["sections"]
@@ -90,12 +104,18 @@ def orthogonal_views(results, metrics, *, max_px: int = 512, mask=None) -> dict:
     results = Path(results)
     mask_path = Path(mask) if mask is not None else _output(results, "mask")
     z, y, x = _centre(mask_path, metrics, max_px)
-    vols = {n: open_volume(_output(results, n)) for n in ("corrected", "bias")}
-    vols["mask"] = open_volume(mask_path)
+    vols = {"corrected": open_volume(_output(results, "corrected")), "mask": open_volume(mask_path)}
     if vols["mask"].shape != vols["corrected"].shape:
         raise InputError(f"mask shape {vols['mask'].shape} does not match the results' {vols['corrected'].shape}",
                          mask_path)
     cuts = {n: _cuts(v, z, y, x, max_px) for n, v in vols.items()}
+    if (results / "fields.json").exists():          # the bias the run divided by, at the cuts' own voxels
+        cuts["bias"] = _model_cuts(BiasModel.from_run(results), cuts["corrected"], z, y, x, max_px)
+    else:
+        stored = open_volume(_output(results, "bias"))
+        if stored.shape != vols["corrected"].shape:
+            raise InputError("no fields.json, and the stored bias starts at a reduced pyramid level", results)
+        cuts["bias"] = _cuts(stored, z, y, x, max_px)
     views = {}
     for name in VIEW_NAMES:
         cut = {n: c[name] for n, c in cuts.items()}
