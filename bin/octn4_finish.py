@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir", type=Path, help="output folder (created complete, or not at all)")
     p.add_argument("parts", type=Path, nargs="+", help="every section's part from octn4_apply.py, any order")
     p.add_argument("--format", choices=("ome-zarr", "nifti"), default="ome-zarr", help="output format")
+    p.add_argument("--threads", type=int, default=1, help="outputs assembled at once (threads; 2 is all it uses)")
     cli.add_voxel_size_arg(p)
     cli.add_common_args(p)
     return p
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a) -> None:
     apply.stage_finish_files(a.input, a.mask, a.solution, a.parts, a.outdir, voxel_size=a.voxel_size,
-                                output_format=a.format, overwrite=a.overwrite)
+                                output_format=a.format, overwrite=a.overwrite, threads=a.threads)
 
 
 def main(argv=None) -> int:

@@ -182,7 +182,8 @@ def stage_global(vol: Volume, msk: Volume, records, outdir: Path, *, config: Run
                         workers=1 if config.device == "cuda" else config.workers,
                         full_bias=config.full_bias or config.output_format == "nifti")
     timings["apply"] = time.perf_counter() - t0
-    return finish(vol, msk, solution, parts, outdir, output_format=config.output_format, timings=timings)
+    return finish(vol, msk, solution, parts, outdir, output_format=config.output_format, timings=timings,
+                  threads=config.total_threads)
 
 
 def _section_task(args):

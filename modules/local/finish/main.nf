@@ -24,7 +24,7 @@ process FINISH {
     """
     export OMP_NUM_THREADS=${task.cpus} OPENBLAS_NUM_THREADS=${task.cpus} MKL_NUM_THREADS=${task.cpus}
     export HOME="\$PWD"
-    octn4_finish.py ${volume} ${mask} ${solution} ${meta.id} ${parts} ${voxel} ${args}
+    octn4_finish.py ${volume} ${mask} ${solution} ${meta.id} ${parts} ${voxel} --threads ${task.cpus} ${args}
     """
 
     stub:
