@@ -83,9 +83,10 @@ def tile_planes_for(shape, tile_mib: int, input_chunk_planes: int = 1) -> int:
     """Planes per apply tile: about 6 float32 buffers of the tile fit in ``tile_mib``.
 
     A whole number of the outputs' chunk rows (whole shards: each written
-    once) and, where ``tile_mib`` allows, of the input's Z chunks too, so
-    that no input chunk is decompressed by two tiles (8-plane tiles over
-    16-plane input chunks read every input chunk twice).
+    once) and, where ``tile_mib`` allows, of the input's Z chunks too.
+    Thinner tiles are read through a :class:`octn4.io.ForwardReader` (in
+    :func:`apply_part`), which keeps the input chunk row under the last
+    read, so no input chunk is decompressed twice either way.
     """
     per_plane = shape[1] * shape[2] * 4 * 6
     n = max(1, int(tile_mib * 2 ** 20 // per_plane))
